@@ -1,0 +1,3 @@
+from polyprune.cli import main
+
+main()

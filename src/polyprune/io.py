@@ -1,0 +1,254 @@
+"""Files: the model file format and atomic writes.
+
+A model is ONE `.safetensors` file. Tensors = the state dict; metadata (str -> str) holds JSON:
+
+    polyprune  format version of this file
+    arch       {"name": "unet", ...build_model kwargs incl. per-layer widths}  (pruned models included)
+    input      {"size": 256, "mean": [...], "std": [...], "threshold": 0.5}
+    parent     {"params": ..., "macs": ..., "arch": {...}, "path": ...} or {}   (set by pruning)
+    train      the training / fine-tuning config and results
+    pruning    {"criterion": ..., "history": [...]} or {}; for models outside the registry, the
+               torch-pruning history that replays the pruning on the user's unpruned module
+
+Loading is `build_model(**arch)` + a strict `load_state_dict`: no pickle anywhere. Every write of a
+model, checkpoint, JSON or report goes to a temporary file in the same folder and is renamed over the
+final path, so a killed process never leaves a half-written file at a final path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polyprune.errors import ModelFileError, OutputError
+
+FORMAT_VERSION = "1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class InputSpec:
+    """What a model expects: square RGB input of `size`, normalized by mean/std; threshold for masks."""
+
+    size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    threshold: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        return cls(
+            size=int(d.get("size", 256)),
+            mean=tuple(d.get("mean", IMAGENET_MEAN)),
+            std=tuple(d.get("std", IMAGENET_STD)),
+            threshold=float(d.get("threshold", 0.5)),
+        )
+
+
+@dataclass
+class ModelMeta:
+    arch: dict[str, Any]
+    input: InputSpec
+    parent: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    pruning: dict[str, Any] = field(default_factory=dict)
+    version: str = FORMAT_VERSION
+
+
+# ---------------------------------------------------------------------------------------------- atomic
+
+
+def _raise_output_error(path: Path, exc: OSError) -> None:
+    if exc.errno == errno.ENOSPC:
+        raise OutputError(f"cannot write {path}: no space left on device") from exc
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise OutputError(f"cannot write {path}: permission denied (read-only folder?)") from exc
+    raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        _raise_output_error(path, exc)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:  # data on disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        _raise_output_error(path, exc)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def model_arch(model: nn.Module) -> dict[str, Any]:
+    """The JSON-able architecture of a registered model, read from the module as it is now."""
+    if hasattr(model, "config"):
+        return model.config()
+    return {"name": None, "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def save_model(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    input_spec: InputSpec,
+    parent: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    pruning: dict[str, Any] | None = None,
+    arch: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` as one .safetensors file (atomic). `arch` defaults to `model.config()`."""
+    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    meta = {
+        "polyprune": FORMAT_VERSION,
+        "arch": json.dumps(arch if arch is not None else model_arch(module), default=_json_default),
+        "input": json.dumps(input_spec.to_dict()),
+        "parent": json.dumps(parent or {}, default=_json_default),
+        "train": json.dumps(train or {}, default=_json_default),
+        "pruning": json.dumps(pruning or {}, default=_json_default),
+    }
+    with atomic_path(path, suffix=".safetensors.tmp") as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def read_metadata(path: str | Path) -> ModelMeta:
+    """Read and validate the metadata of a polyprune model file without loading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path} is not a readable .safetensors model file ({_short(exc)})") from exc
+    if "arch" not in raw:
+        raise ModelFileError(f"{path} has no polyprune metadata (arch); was it written by polyprune?")
+    try:
+        return ModelMeta(
+            arch=json.loads(raw["arch"]),
+            input=InputSpec.from_dict(json.loads(raw.get("input", "{}"))),
+            parent=json.loads(raw.get("parent") or "{}"),
+            train=json.loads(raw.get("train") or "{}"),
+            pruning=json.loads(raw.get("pruning") or "{}"),
+            version=raw.get("polyprune", "?"),
+        )
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path} has corrupt polyprune metadata ({_short(exc)})") from exc
+
+
+def load_model(path: str | Path, *, base_model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
+    """Rebuild a model from its file: `build_model(**arch)` + strict `load_state_dict`. No pickle.
+
+    Models outside the registry need `base_model`, the user's unpruned module; a recorded pruning
+    history is replayed on it before the weights are loaded. The returned model is in eval mode and
+    carries its metadata as `model.polyprune_meta`.
+    """
+    from polyprune.models import build_model
+
+    path = Path(path)
+    meta = read_metadata(path)
+    arch = dict(meta.arch)
+    name = arch.pop("name", None)
+    if base_model is not None:
+        model = base_model
+        history = meta.pruning.get("history")
+        if history and name is None:
+            from polyprune.pruning.engine import replay_pruning_history
+
+            replay_pruning_history(model, history, input_size=meta.input.size)
+    elif name is None:
+        raise ModelFileError(
+            f"{path} holds a model outside polyprune's registry ({arch.get('class')}); "
+            "pass base_model=<the unpruned module> to load_model"
+        )
+    else:
+        try:
+            model = build_model(name, **arch)
+        except Exception as exc:
+            raise ModelFileError(f"{path}: metadata names an architecture that cannot be built ({_short(exc)})") from exc
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path} is not a readable .safetensors model file ({_short(exc)})") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{path}: weights do not match the architecture in its metadata ({_short(exc)})") from exc
+    model.polyprune_meta = meta  # type: ignore[attr-defined]
+    return model.to(device).eval()
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    """First line of an exception message, cut: errors stay one line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Atomic safetensors write of a flat tensor dict (checkpoints, optimizer state)."""
+    with atomic_path(path, suffix=".safetensors.tmp") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
