@@ -1,0 +1,39 @@
+"""Shared fixtures. Real-data tests read ../shared/data: under CI they fail when it is missing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("POLYPRUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # two pytest workers share two cores: one torch thread each avoids oversubscription
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data; skipped with a reason outside CI, a failure under CI."""
+    if not (SHARED_DATA / "Kvasir-SEG" / "images").is_dir():
+        msg = f"real data not found at {SHARED_DATA}"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (CI is set: real-data tests must not skip)")
+        pytest.skip(msg)
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic polyp dataset in the Kvasir-SEG layout (images/*.jpg, masks/*.png), 64 px."""
+    from polyprune.synth import make_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    return make_synthetic_dataset(out, n=24, size=64, seed=0)
