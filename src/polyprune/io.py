@@ -228,7 +228,9 @@ def load_model(path: str | Path, *, base_model: nn.Module | None = None, device:
         try:
             model = build_model(name, **arch)
         except Exception as exc:
-            raise ModelFileError(f"{path}: metadata names an architecture that cannot be built ({_short(exc)})") from exc
+            raise ModelFileError(
+                f"{path}: metadata names an architecture that cannot be built ({_short(exc)})"
+            ) from exc
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -236,7 +238,9 @@ def load_model(path: str | Path, *, base_model: nn.Module | None = None, device:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelFileError(f"{path}: weights do not match the architecture in its metadata ({_short(exc)})") from exc
+        raise ModelFileError(
+            f"{path}: weights do not match the architecture in its metadata ({_short(exc)})"
+        ) from exc
     model.polyprune_meta = meta  # type: ignore[attr-defined]
     return model.to(device).eval()
 
@@ -247,7 +251,9 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Atomic safetensors write of a flat tensor dict (checkpoints, optimizer state)."""
     with atomic_path(path, suffix=".safetensors.tmp") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

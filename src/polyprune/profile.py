@@ -62,7 +62,7 @@ def time_callable(fn: Callable[[], object], *, runs: int = 20, warmup: int = 3) 
         fn()
         times.append((time.perf_counter() - t0) * 1000.0)
     times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     return Latency(median_ms=statistics.median(times), p90_ms=p90, min_ms=times[0], runs=runs)
 
 

@@ -101,7 +101,9 @@ class UNet(nn.Module):
         for i in reversed(range(depth)):
             up_out = w[f"up{i}"]
             up: nn.Module = (
-                nn.ConvTranspose2d(prev, up_out, 2, stride=2) if upsample == "transpose" else BilinearUp(prev, up_out)
+                nn.ConvTranspose2d(prev, up_out, 2, stride=2)
+                if upsample == "transpose"
+                else BilinearUp(prev, up_out)
             )
             setattr(self, f"up{i}", up)
             skip = w[f"enc{i}.conv2"]

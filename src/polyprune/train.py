@@ -1,0 +1,579 @@
+"""Training and fine-tuning: one loop (`fit`) shared by `polyprune train` and the pruning schedule.
+
+- AdamW, cosine learning rate over all steps (computed from the global step, so resume is exact).
+- Loss `bce-dice` (BCE with logits + soft Dice, per image) or `structure` (PraNet: weighted BCE +
+  weighted IoU, weights 1 + 5 |avgpool31(mask) - mask|).
+- Best weights by validation Dice (per image, threshold 0.5, at the model's input size; an image with
+  empty ground truth and empty prediction scores 1).
+- Determinism: the shuffle of epoch e comes from a generator seeded with (seed, e) and augmentation of
+  item i in epoch e from (seed, e, i), so a run resumed at an epoch boundary sees exactly the batches
+  an uninterrupted run sees. On one machine with the same thread count the weights are identical.
+- Resume: `checkpoint_dir/last.safetensors` holds weights, optimizer state, best weights and the loop
+  state (JSON in the metadata), written atomically at the end of every epoch. Kill at any time; the
+  run continues from the last finished epoch.
+- Non-finite loss: the step is skipped (no update) and counted; 20 skipped steps in a row end the run
+  with a TrainingError that suggests a lower --lr or --precision fp32.
+- Under torchrun: DistributedSampler + DDP; only rank 0 writes files or prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+
+from polyprune import distributed as dist_utils
+from polyprune.errors import ConfigError, TrainingError
+from polyprune.io import InputSpec, save_model, save_tensors, write_json
+from polyprune.progress import is_main_process, log, progress_bar
+
+MAX_BAD_STEPS = 20
+
+
+# ----------------------------------------------------------------------------------------- set-up
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' means bf16 autocast on CUDA, fp32 on CPU (bf16 on CPU is faster but opt-in)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def set_threads(threads: int | None) -> None:
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def _collect_ids(files: list[str | Path] | None) -> list[str] | None:
+    from polyprune.data import read_ids
+
+    if not files:
+        return None
+    ids: list[str] = []
+    for f in files:
+        ids.extend(read_ids(f))
+    return ids
+
+
+def make_datasets(
+    data_dirs: list[str | Path],
+    spec: InputSpec,
+    *,
+    ids_file: str | Path | list | None = None,
+    exclude_ids_file: str | Path | list | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    augment: bool = True,
+    skip_bad: bool = False,
+    progress: bool = False,
+) -> tuple[Dataset, Dataset]:
+    """Train (augmented) and validation datasets from one or more dataset folders.
+
+    `exclude_ids_file` lists test ids (e.g. PraNet's split): they are never used. `ids_file`, if
+    given, restricts the pool to those ids. The validation split is carved from what remains, per
+    dataset folder, by a seeded shuffle: never from test data.
+    """
+    from polyprune.data import SegmentationDataset, check_size, find_samples, split_samples
+
+    check_size(spec.size)
+    if not data_dirs:
+        raise ConfigError("no --data folder given")
+    only = set(
+        _collect_ids(ids_file if isinstance(ids_file, list) else [ids_file] if ids_file else None) or []
+    )
+    excluded = _collect_ids(
+        exclude_ids_file
+        if isinstance(exclude_ids_file, list)
+        else [exclude_ids_file]
+        if exclude_ids_file
+        else None
+    )
+    train_parts, val_parts = [], []
+    for d in data_dirs:
+        samples = find_samples(d, skip_bad=skip_bad)
+        if only:
+            samples = [s for s in samples if s.id in only]
+        if excluded:
+            present = {s.id for s in samples}
+            test_ids = [i for i in excluded if i in present]
+        else:
+            test_ids = None
+        split = split_samples(samples, test_ids=test_ids or None, val_fraction=val_fraction, seed=seed)
+        if not split.train:
+            raise ConfigError(f"no training images left in {d} after the split")
+        train_parts.append(
+            SegmentationDataset(split.train, spec, augment=augment, seed=seed, skip_bad=skip_bad)
+        )
+        if split.val:
+            val_parts.append(
+                SegmentationDataset(split.val, spec, augment=False, seed=seed, skip_bad=skip_bad)
+            )
+    train_ds = train_parts[0] if len(train_parts) == 1 else EpochConcat(train_parts)
+    val_ds = (
+        (val_parts[0] if len(val_parts) == 1 else EpochConcat(val_parts)) if val_parts else EpochConcat([])
+    )
+    return train_ds, val_ds
+
+
+class EpochConcat(ConcatDataset):
+    """ConcatDataset that forwards set_epoch to its parts (augmentation is seeded per epoch)."""
+
+    def __init__(self, datasets: list[Dataset]) -> None:
+        if datasets:
+            super().__init__(datasets)
+        else:  # an empty validation set
+            self.datasets, self.cumulative_sizes = [], []
+
+    def __len__(self) -> int:
+        return self.cumulative_sizes[-1] if self.cumulative_sizes else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            if hasattr(d, "set_epoch"):
+                d.set_epoch(epoch)
+
+
+# ------------------------------------------------------------------------------------------- loss
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    dice = (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)
+    return bce + (1 - dice).mean()
+
+
+def structure_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PraNet's loss: boundary-weighted BCE + weighted IoU (weights 1 + 5 |avgpool31(mask) - mask|)."""
+    weit = 1 + 5 * torch.abs(F.avg_pool2d(target, 31, stride=1, padding=15) - target)
+    wbce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    wbce = (weit * wbce).sum((2, 3)) / weit.sum((2, 3))
+    prob = torch.sigmoid(logits)
+    inter = (prob * target * weit).sum((2, 3))
+    union = ((prob + target) * weit).sum((2, 3))
+    wiou = 1 - (inter + 1) / (union - inter + 1)
+    return (wbce + wiou).mean()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "bce-dice": bce_dice_loss,
+    "structure": structure_loss,
+}
+
+
+def make_loss(name: str = "bce-dice") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def dice_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice at threshold 0.5 for each image of a batch; empty GT and empty prediction -> 1."""
+    pred = (logits.float() > 0).flatten(1).float()
+    t = (target > 0.5).flatten(1).float()
+    inter = (pred * t).sum(1)
+    denom = pred.sum(1) + t.sum(1)
+    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
+
+
+@torch.no_grad()
+def validation_dice(
+    model: nn.Module,
+    val_ds: Dataset,
+    *,
+    batch: int = 8,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+) -> float:
+    """Mean per-image Dice@0.5 over `val_ds` (sharded over ranks under torchrun)."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    n = len(val_ds)
+    if n == 0:
+        return float("nan")
+    indices = list(range(dist_utils.rank(), n, dist_utils.world_size()))
+    loader = DataLoader(torch.utils.data.Subset(val_ds, indices), batch_size=batch, shuffle=False)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=dev)
+    for x, y in loader:
+        x, y = x.to(dev), y.to(dev)
+        if dev.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(dev, prec):
+            logits = model(x)
+        d = dice_per_image(logits, y)
+        total[0] += d.sum().double()
+        total[1] += d.numel()
+    model.train(was_training)
+    dist_utils.all_reduce_sum(total)
+    return float(total[0] / total[1])
+
+
+# ------------------------------------------------------------------------------------- checkpoint
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    best: dict[str, torch.Tensor] | None,
+    loop: dict[str, Any],
+) -> None:
+    """One safetensors file: weights, optimizer tensors, best weights; loop state as JSON metadata."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    tensors.update(opt_tensors)
+    if best is not None:
+        tensors.update({f"best.{k}": v for k, v in best.items()})
+    save_tensors(path, tensors, metadata={"loop": json.dumps(loop), "optimizer": json.dumps(opt_meta)})
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    _unflatten_optimizer(opt, tensors, json.loads(meta["optimizer"]))
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    return json.loads(meta["loop"]), best
+
+
+# -------------------------------------------------------------------------------------------- fit
+
+
+def fit(
+    model: nn.Module,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    *,
+    epochs: int | None = None,
+    iters: int | None = None,
+    batch: int = 8,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    loss: str = "bce-dice",
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    seed: int = 0,
+    workers: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+    on_best: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train `model` in place; at the end it holds the best-validation weights (last if no val set).
+
+    `iters` (fine-tuning budget in optimizer steps) overrides `epochs`. Returns one history row per
+    epoch: epoch, loss, val_dice, lr, seconds, skipped (non-finite) steps.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    if len(train_ds) == 0:
+        raise ConfigError("the training set is empty")
+    if batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {batch}")
+    loss_fn = make_loss(loss)
+    world = dist_utils.world_size()
+    model.to(dev)
+    if dev.type == "cpu":
+        model.to(memory_format=torch.channels_last)  # oneDNN's fast path, 1.1-1.8x here
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / (batch * world)))
+    if iters is not None:
+        epochs = max(1, math.ceil(iters / steps_per_epoch))
+        total_steps = iters
+    else:
+        epochs = epochs if epochs is not None else 1
+        total_steps = epochs * steps_per_epoch
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+
+    net: nn.Module = model
+    if dist_utils.is_distributed():
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    ckpt = Path(checkpoint_dir) / "last.safetensors" if checkpoint_dir else None
+    loop: dict[str, Any] = {"epoch": 0, "step": 0, "best_dice": -1.0, "history": []}
+    best: dict[str, torch.Tensor] | None = None
+    if resume and ckpt is not None and ckpt.is_file():
+        loop, best = load_checkpoint(ckpt, model, opt)
+        log(f"resumed from {ckpt} after epoch {loop['epoch']}", enabled=progress)
+    history: list[dict[str, Any]] = loop["history"]
+    bad_in_a_row = 0
+
+    for epoch in range(loop["epoch"], epochs):
+        if loop["step"] >= total_steps:
+            break
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)
+        if world > 1:
+            sampler = DistributedSampler(train_ds, shuffle=True, seed=seed)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(
+                train_ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False
+            )
+        else:
+            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            loader = DataLoader(train_ds, batch_size=batch, shuffle=True, generator=gen, num_workers=workers)
+        net.train()
+        t0, loss_sum, n_steps, skipped = time.perf_counter(), 0.0, 0, 0
+        n_this_epoch = min(len(loader), total_steps - loop["step"])
+        with progress_bar(n_this_epoch, f"{desc} {epoch + 1}/{epochs}", enabled=progress) as bar:
+            for x, y in loader:
+                if loop["step"] >= total_steps:
+                    break
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                if dev.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                cur_lr = lr * 0.5 * (1 + math.cos(math.pi * loop["step"] / max(1, total_steps)))
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr
+                with autocast(dev, prec):
+                    logits = net(x)
+                value = loss_fn(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                finite = torch.isfinite(value)
+                if world > 1:  # every rank must agree to step, or DDP deadlocks
+                    finite = dist_utils.all_reduce_sum(finite.float().clone()) == world
+                if not bool(finite):
+                    skipped += 1
+                    bad_in_a_row += 1
+                    loop["step"] += 1
+                    if bad_in_a_row >= MAX_BAD_STEPS:
+                        raise TrainingError(
+                            f"loss was NaN/inf for {MAX_BAD_STEPS} steps in a row (epoch {epoch + 1}, lr {lr:g}); "
+                            "try a lower --lr or --precision fp32"
+                        )
+                    bar.advance(loss="nan")
+                    continue
+                bad_in_a_row = 0
+                value.backward()
+                opt.step()
+                loop["step"] += 1
+                loss_sum += float(value)
+                n_steps += 1
+                bar.advance(loss=f"{loss_sum / n_steps:.4f}")
+            val = (
+                validation_dice(model, val_ds, batch=batch, device=dev, precision=prec)
+                if val_ds
+                else float("nan")
+            )
+            row = {
+                "epoch": epoch + 1,
+                "loss": loss_sum / max(1, n_steps),
+                "val_dice": val,
+                "lr": cur_lr if n_steps else lr,
+                "seconds": time.perf_counter() - t0,
+                "skipped_steps": skipped,
+            }
+            bar.set(loss=f"{row['loss']:.4f}", val_dice=f"{val:.4f}")
+        history.append(row)
+        improved = not math.isnan(val) and val > loop["best_dice"]
+        if improved or (math.isnan(val) and loop["step"] >= total_steps):
+            loop["best_dice"] = val if improved else loop["best_dice"]
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if on_best is not None and is_main_process():
+                on_best(model, row)
+        loop["epoch"] = epoch + 1
+        if ckpt is not None and is_main_process():
+            save_checkpoint(ckpt, model, opt, best, loop)
+        if on_epoch is not None and is_main_process():
+            on_epoch(history)
+        dist_utils.barrier()
+    if best is not None:
+        model.load_state_dict(best)
+    model.to(memory_format=torch.contiguous_format)
+    return history
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str
+    size: int = 256
+    width: int = 16
+    upsample: str = "transpose"
+    epochs: int = 20
+    batch: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    loss: str = "bce-dice"
+    seed: int = 0
+    val_fraction: float = 0.1
+    ids_file: list[str] = field(default_factory=list)
+    exclude_ids: list[str] = field(default_factory=list)
+    augment: bool = True
+    threads: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 0
+    resume: bool = False
+    skip_bad: bool = False
+    progress: bool = True
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """`polyprune train`: build a UNet, fit it, write RUN/model.safetensors + history.json.
+
+    Returns a summary: best validation Dice, epochs, minutes, params, MACs, paths.
+    """
+    from polyprune.data import check_size
+    from polyprune.models import build_model
+    from polyprune.profile import count_macs, count_params
+
+    check_size(cfg.size)
+    dist_utils.setup(cfg.device)
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    dev = resolve_device(cfg.device)
+    if dist_utils.is_distributed() and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    out = Path(cfg.out)
+    spec = InputSpec(size=cfg.size)
+    train_ds, val_ds = make_datasets(
+        cfg.data,
+        spec,
+        ids_file=cfg.ids_file or None,
+        exclude_ids_file=cfg.exclude_ids or None,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        augment=cfg.augment,
+        skip_bad=cfg.skip_bad,
+    )
+    model = build_model("unet", base_width=cfg.width, upsample=cfg.upsample)
+    params, macs = count_params(model), count_macs(model, cfg.size)
+    train_meta = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}
+    train_meta.update(n_train=len(train_ds), n_val=len(val_ds))
+    log(
+        f"training UNet width {cfg.width} ({params / 1e6:.2f} M params, {macs / 1e9:.2f} GMACs at {cfg.size}) "
+        f"on {len(train_ds)} images, validating on {len(val_ds)}",
+        enabled=cfg.progress,
+    )
+
+    def on_best(m: nn.Module, row: dict[str, Any]) -> None:
+        save_model(out / "model.safetensors", m, input_spec=spec, train={**train_meta, "best": row})
+
+    def on_epoch(rows: list[dict[str, Any]]) -> None:
+        write_json(out / "history.json", {"config": train_meta, "history": rows})
+
+    t0 = time.perf_counter()
+    history = fit(
+        model,
+        train_ds,
+        val_ds,
+        epochs=cfg.epochs,
+        batch=cfg.batch,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        loss=cfg.loss,
+        device=dev,
+        precision=cfg.precision,
+        seed=cfg.seed,
+        workers=cfg.workers,
+        checkpoint_dir=out / "checkpoint",
+        resume=cfg.resume,
+        progress=cfg.progress,
+        desc="epoch",
+        on_best=on_best,
+        on_epoch=on_epoch,
+    )
+    minutes = (time.perf_counter() - t0) / 60
+    best_row = max(
+        (r for r in history if not math.isnan(r["val_dice"])), key=lambda r: r["val_dice"], default=None
+    )
+    summary = {
+        "model": str(out / "model.safetensors"),
+        "best_val_dice": best_row["val_dice"] if best_row else float("nan"),
+        "best_epoch": best_row["epoch"] if best_row else len(history),
+        "epochs": len(history),
+        "minutes": minutes,
+        "params": params,
+        "macs": macs,
+        "size": cfg.size,
+        "width": cfg.width,
+    }
+    if is_main_process():
+        write_json(out / "history.json", {"config": train_meta, "history": history, "summary": summary})
+    dist_utils.teardown()
+    return summary
