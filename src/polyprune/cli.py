@@ -42,14 +42,291 @@ def _echo_json(obj: object) -> None:
 # ------------------------------------------------------------------------------------------- train
 # (train)
 
+
+@app.command()
+def train(
+    data: Annotated[list[Path], typer.Option("--data", help="Dataset folder (repeatable).")],
+    out: Annotated[Path, typer.Option(help="Run folder: model.safetensors, history.json, checkpoint/.")],
+    size: Annotated[int, typer.Option(help="Square input size, a multiple of 16.")] = 256,
+    width: Annotated[int, typer.Option(help="UNet base width (channels of the first level).")] = 16,
+    upsample: Annotated[str, typer.Option(help="transpose | bilinear")] = "transpose",
+    epochs: int = 20,
+    batch: int = 8,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    loss: Annotated[str, typer.Option(help="bce-dice | structure (PraNet's weighted BCE + IoU)")] = "bce-dice",
+    val_fraction: Annotated[float, typer.Option(help="Validation share carved from training data.")] = 0.1,
+    ids: Annotated[
+        list[Path] | None, typer.Option("--ids", help="Use only these ids (split file, repeatable).")
+    ] = None,
+    exclude_ids: Annotated[
+        list[Path] | None,
+        typer.Option("--exclude-ids", help="Test ids never trained on, e.g. splits/kvasir_pranet_test.txt."),
+    ] = None,
+    augment: Annotated[bool, typer.Option(help="Flips, rotation, scale, colour jitter.")] = True,
+    seed: Seed = 0,
+    threads: Threads = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 on CUDA, fp32 on CPU)")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN/checkpoint after the last finished epoch.")] = False,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable pairs with a warning instead of failing.")] = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Train a UNet; the best epoch by validation Dice is kept as RUN/model.safetensors."""
+    from polyprune.train import TrainConfig
+    from polyprune.train import train as run_train
+
+    cfg = TrainConfig(
+        data=[str(d) for d in data],
+        out=str(out),
+        size=size,
+        width=width,
+        upsample=upsample,
+        epochs=epochs,
+        batch=batch,
+        lr=lr,
+        weight_decay=weight_decay,
+        loss=loss,
+        seed=seed,
+        val_fraction=val_fraction,
+        ids_file=[str(p) for p in ids or []],
+        exclude_ids=[str(p) for p in exclude_ids or []],
+        augment=augment,
+        threads=threads,
+        device=device,
+        precision=precision,
+        workers=workers,
+        resume=resume,
+        skip_bad=skip_bad,
+        progress=not (quiet or json_out),
+    )
+    summary = run_train(cfg)
+    if json_out:
+        _echo_json(summary)
+    else:
+        _summary(
+            f"trained {summary['epochs']} epochs in {summary['minutes']:.1f} min: best val Dice "
+            f"{summary['best_val_dice']:.4f} (epoch {summary['best_epoch']}) -> {summary['model']}"
+        )
+
+
+def _summary(line: str) -> None:
+    from polyprune.progress import log
+
+    log(line)
+
 # ---------------------------------------------------------------------------------------- evaluate
 # (metrics helper)
+
+
+@app.command()
+def evaluate(
+    data: Annotated[
+        list[Path], typer.Option("--data", help="Dataset folder: images/ + masks/ (repeatable).")
+    ],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Model file to run (.safetensors, or .onnx).")
+    ] = None,
+    preds: Annotated[
+        Path | None,
+        typer.Option(
+            "--preds", help="Saved 8-bit probability maps: PRED_DIR/<dataset>/<id>.png or PRED_DIR/<id>.png."
+        ),
+    ] = None,
+    ids: Annotated[
+        Path | None, typer.Option("--ids", help="Score only these ids, e.g. splits/kvasir_pranet_test.txt.")
+    ] = None,
+    json_path: Annotated[
+        str | None, typer.Option("--json", metavar="OUT", help="Write the metrics JSON to OUT ('-': stdout).")
+    ] = None,
+    csv_dir: Annotated[
+        Path | None, typer.Option("--csv-dir", help="Write <dataset>_per_image.csv and metrics.json here.")
+    ] = None,
+    save_preds: Annotated[
+        Path | None,
+        typer.Option("--save-preds", help="Write probability PNGs at GT size: DIR/<dataset>/<id>.png."),
+    ] = None,
+    backend: Annotated[str, typer.Option(help="auto (.onnx: onnxruntime) | torch | onnxruntime | openvino")] = "auto",
+    threads: Threads = None,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable pairs with a warning instead of failing.")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Score a model (--model) or saved maps (--preds): Dice/IoU@0.5 and the PraNet toolbox metrics."""
+    from rich.console import Console
+
+    from polyprune.errors import ConfigError
+    from polyprune.evaluate import evaluate_model, evaluate_predictions, results_table, summary_line
+    from polyprune.io import write_json
+    from polyprune.progress import log
+
+    if (model is None) == (preds is None):
+        raise ConfigError("give exactly one of --model FILE or --preds PRED_DIR")
+    if preds is not None and save_preds is not None:
+        raise ConfigError("--save-preds needs --model: with --preds the maps are already saved")
+    if model is not None:
+        results = evaluate_model(
+            model,
+            data,
+            ids_file=ids,
+            backend=backend,
+            threads=threads,
+            save_preds=save_preds,
+            out_dir=csv_dir,
+            progress=not quiet,
+            skip_bad=skip_bad,
+        )
+    else:
+        results = evaluate_predictions(
+            preds, data, ids_file=ids, progress=not quiet, out_dir=csv_dir, skip_bad=skip_bad
+        )
+    if json_path == "-":
+        _echo_json(results.to_json())
+    elif json_path:
+        write_json(json_path, results.to_json())
+    if not quiet:
+        console = Console(stderr=json_path == "-")  # stdout stays pure JSON with --json -
+        if not console.is_terminal:
+            console.width = 140  # pipes and files: no squeezed columns
+        console.print(results_table(results))
+    log(summary_line(results))
+
 
 # ------------------------------------------------------------------------------------------- prune
 # (pruning helper)
 
 # ------------------------------------------------------------------------ export / benchmark / predict
 # (deploy helper)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option("--model", help="Model file (.safetensors), pruned or not.")],
+    out: Annotated[Path, typer.Option("--out", help="Output .onnx file (one file, weights inside).")],
+    size: Annotated[
+        int | None, typer.Option(help="Input size, a multiple of 16 (default: the model's).")
+    ] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic batch, height and width.")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
+    image: Annotated[
+        Path | None, typer.Option(help="An image for the real-input check (default: a synthetic frame).")
+    ] = None,
+    tolerance: Annotated[float, typer.Option(help="Max |ONNX Runtime - torch| logit difference.")] = 1e-4,
+    json_out: JsonOut = False,
+) -> None:
+    """Export to ONNX, check ONNX Runtime against torch, store the preprocessing in the file."""
+    from polyprune.export import export_onnx
+    from polyprune.progress import log
+
+    report = export_onnx(
+        model, out, size=size, dynamic=dynamic, opset=opset, tolerance=tolerance, image=image
+    )
+    if json_out:
+        _echo_json(report.to_dict())
+        return
+    if report.fallback_reason:
+        log(f"note: {report.fallback_reason}")
+    checks = ", ".join(f"{k} {v:.1e}" for k, v in report.checks.items())
+    log(
+        f"exported {report.path} ({report.exporter}, opset {report.opset}, "
+        f"{'dynamic' if report.dynamic else 'static'} {report.size} px, {report.file_bytes / 2**20:.1f} MB) "
+        f"in {report.seconds:.1f} s; max |ORT - torch| = {report.max_abs_diff:.2e} ({checks})"
+    )
+
+
+@app.command()
+def benchmark(
+    model: Annotated[
+        list[Path],
+        typer.Option("--model", help="Model file, .safetensors or .onnx (repeatable; first = reference)."),
+    ],
+    size: Annotated[list[int] | None, typer.Option("--size", help="Input size (repeatable).")] = None,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--backend",
+            help="torch | onnxruntime | openvino | all (repeatable; default torch + onnxruntime).",
+        ),
+    ] = None,
+    threads: Threads = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per row (after warm-up).")] = 20,
+    warmup: Annotated[int, typer.Option(help="Warm-up runs per row.")] = 3,
+    json_path: Annotated[
+        str | None,
+        typer.Option("--json", metavar="OUT", help="Write rows + system info as JSON to OUT ('-': stdout)."),
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Params, MACs, latency (median / p90 / min), FPS and peak memory per model x backend x size."""
+    from rich.console import Console
+
+    from polyprune.io import write_json
+    from polyprune.profile import benchmark_models, benchmark_table, system_info
+    from polyprune.progress import log
+
+    rows = benchmark_models(
+        model,
+        sizes=size or [352],
+        backends=backend or ["torch", "onnxruntime"],
+        threads=threads,
+        runs=runs,
+        warmup=warmup,
+        progress=not quiet,
+    )
+    doc = {"rows": rows, "system": system_info()}
+    if json_path == "-":
+        _echo_json(doc)
+    elif json_path:
+        write_json(json_path, doc)
+    if json_path != "-":
+        console = Console()
+        if not console.is_terminal:
+            console.width = 160  # pipes and files: no squeezed columns
+        console.print(benchmark_table(rows))
+    best = max(rows, key=lambda r: r["fps"])
+    log(
+        f"{len(rows)} rows, {rows[0]['threads']} threads: fastest {best['name']} on {best['backend']} "
+        f"at {best['size']} px, {best['median_ms']:.2f} ms ({best['fps']:.1f} FPS)"
+    )
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option("--model", help="Model file, .safetensors or .onnx.")],
+    source: Annotated[
+        Path, typer.Option("--source", help="An image, an image folder, or a video (mp4/avi).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder: masks/, overlays/ or <stem>_overlay.mp4.")
+    ],
+    backend: Annotated[
+        str, typer.Option(help="auto (.onnx: onnxruntime, else torch) | torch | onnxruntime | openvino")
+    ] = "auto",
+    threads: Threads = None,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream", help="Pipeline decode / inference / write in threads; report real-time drops."
+        ),
+    ] = False,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Predict masks and overlays for an image, a folder or a video; per-stage latency and FPS."""
+    from polyprune.infer import Predictor, predict_path, predict_summary
+    from polyprune.progress import log
+
+    with Predictor(model, backend=backend, threads=threads) as predictor:
+        result = predict_path(predictor, source, out, stream=stream, progress=not (quiet or json_out))
+    if json_out:
+        _echo_json(result)
+    else:
+        for line in predict_summary(result).splitlines():
+            log(line)
+
 
 # --------------------------------------------------------------------------------- demo / report
 # (report)
@@ -65,8 +342,11 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click's own usage errors
-        import click
+    except Exception as exc:  # click's own usage errors (typer 0.29 vendors click as typer._click)
+        try:
+            import click
+        except ImportError:
+            from typer import _click as click
 
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
