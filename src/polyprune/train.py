@@ -428,7 +428,7 @@ def fit(
                 value.backward()
                 opt.step()
                 loop["step"] += 1
-                loss_sum += float(value)
+                loss_sum += value.item()
                 n_steps += 1
                 bar.advance(loss=f"{loss_sum / n_steps:.4f}")
             val = (

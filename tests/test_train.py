@@ -1,0 +1,116 @@
+import json
+import math
+
+import pytest
+import torch
+
+from polyprune.errors import ConfigError, TrainingError
+from polyprune.io import InputSpec, load_model
+from polyprune.models import build_model
+from polyprune.train import (
+    TrainConfig,
+    bce_dice_loss,
+    dice_per_image,
+    fit,
+    make_datasets,
+    structure_loss,
+    train,
+    validation_dice,
+)
+
+
+def _cfg(synth_dir, out, **kw):
+    base = dict(
+        data=[str(synth_dir)], out=str(out), size=32, width=4, epochs=2, batch=4, seed=3, progress=False
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_losses_are_finite_and_lowest_for_the_truth():
+    y = (torch.rand(2, 1, 32, 32) > 0.7).float()
+    good, bad = (y * 20 - 10), -(y * 20 - 10)
+    for fn in (bce_dice_loss, structure_loss):
+        assert fn(good, y) < fn(bad, y)
+        assert math.isfinite(float(fn(torch.zeros_like(y), y)))
+
+
+def test_dice_per_image_conventions():
+    y = torch.zeros(2, 1, 4, 4)
+    y[0, 0, :2] = 1
+    logits = torch.full((2, 1, 4, 4), -5.0)
+    d = dice_per_image(logits, y)
+    assert d[0] == 0 and d[1] == 1  # missed polyp = 0; empty GT + empty prediction = 1
+
+
+def test_training_lowers_the_loss_and_beats_all_background(tmp_path):
+    from polyprune.synth import make_synthetic_dataset
+
+    synth_dir = make_synthetic_dataset(tmp_path / "synth48", n=48, size=64, seed=0)
+    summary = train(_cfg(synth_dir, tmp_path / "run", size=64, width=8, epochs=6, lr=1e-2))
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    spec = InputSpec(size=64)
+    _, val = make_datasets([synth_dir], spec, seed=3, augment=False)
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    dice = validation_dice(model, val, device="cpu")
+    # every synthetic image holds a polyp, so an all-background prediction scores exactly 0
+    assert dice > 0.15
+    assert summary["best_val_dice"] == pytest.approx(dice, abs=1e-6)
+
+
+def test_resume_equals_an_uninterrupted_run(synth_dir, tmp_path, monkeypatch):
+    import polyprune.train as train_mod
+
+    full = tmp_path / "full"
+    train(_cfg(synth_dir, full, epochs=3))
+    part = tmp_path / "part"
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(*args, **kw):  # the process dies right after the epoch-1 checkpoint
+        real_save(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(synth_dir, part, epochs=3))
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    train(_cfg(synth_dir, part, epochs=3, resume=True))
+    from safetensors.torch import load_file
+
+    sa = load_file(str(full / "checkpoint" / "last.safetensors"))
+    sb = load_file(str(part / "checkpoint" / "last.safetensors"))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    ha = json.loads((full / "history.json").read_text())["history"]
+    hb = json.loads((part / "history.json").read_text())["history"]
+    assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
+
+
+def test_same_seed_same_weights(synth_dir, tmp_path):
+    train(_cfg(synth_dir, tmp_path / "a", epochs=1))
+    train(_cfg(synth_dir, tmp_path / "b", epochs=1))
+    ma, mb = (
+        load_model(tmp_path / "a" / "model.safetensors"),
+        load_model(tmp_path / "b" / "model.safetensors"),
+    )
+    for (ka, va), (_, vb) in zip(ma.state_dict().items(), mb.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), ka
+
+
+def test_nan_loss_ends_with_a_training_error(synth_dir):
+    spec = InputSpec(size=32)
+    tr, val = make_datasets([synth_dir], spec, seed=0)
+    model = build_model("unet", base_width=4)
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="NaN"):
+        fit(model, tr, val, iters=25, batch=1, device="cpu", progress=False)
+
+
+def test_bad_options_are_config_errors(synth_dir, tmp_path):
+    with pytest.raises(ConfigError, match="30"):
+        train(_cfg(synth_dir, tmp_path / "x", size=30))
+    with pytest.raises(ConfigError):
+        train(_cfg(synth_dir, tmp_path / "x", precision="fp8"))
