@@ -435,7 +435,7 @@ def benchmark(
         console.print(benchmark_table(rows))
     best = max(rows, key=lambda r: r["fps"])
     log(
-        f"{len(rows)} rows, {rows[0]['threads']} threads: fastest {best['name']} on {best['backend']} "
+        f"{len(rows)} rows, threads={rows[0]['threads']}: fastest {best['name']} on {best['backend']} "
         f"at {best['size']} px, {best['median_ms']:.2f} ms ({best['fps']:.1f} FPS)"
     )
 

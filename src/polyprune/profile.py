@@ -6,18 +6,36 @@ C_out * C_in/groups * k_h * k_w * H_out * W_out); BN, ReLU, pooling and interpol
 (torch-pruning's `count_ops_and_params` counts them and reports about 14 % more on a UNet).
 
 Latency: batch 1, warm-up runs first, then `runs` timed runs; median, p90 and min in milliseconds.
+`torch_latency` times eager torch; `onnxruntime_latency` / `openvino_latency` time the runtime call on a
+preprocessed input through `infer.Predictor` (so the same session settings as deployment).
+
+`benchmark_models` makes one row per model x size x backend. Peak memory there is the process's
+resident set size (RSS, /proc/self/statm) sampled every 5 ms from a helper thread while the model is
+loaded / the session is built, warmed up and timed: `peak_rss_mb` is the largest sample and
+`peak_rss_delta_mb` that minus the RSS just before. It is approximate: memory freed by an earlier row
+and kept by the allocator is reused without showing up, so rows after the first can read low.
 """
 
 from __future__ import annotations
 
+import os
+import resource
 import statistics
+import tempfile
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from polyprune.errors import ConfigError
+from polyprune.io import InputSpec
 
 
 def count_params(model: nn.Module) -> int:
@@ -83,3 +101,327 @@ def torch_latency(
             torch.cuda.synchronize()
 
     return time_callable(run, runs=runs, warmup=warmup)
+
+
+# ---------------------------------------------------------------------------------------- runtimes
+
+
+def _spec_at(model_or_path: str | Path | nn.Module, size: int) -> InputSpec:
+    """The model's InputSpec (ImageNet defaults if it has none) with `size` replaced."""
+    if isinstance(model_or_path, nn.Module):
+        meta = getattr(model_or_path, "polyprune_meta", None)
+        spec = meta.input if meta else InputSpec()
+    elif Path(model_or_path).suffix.lower() == ".onnx":
+        from polyprune.export import read_onnx_metadata
+
+        spec = read_onnx_metadata(model_or_path).input or InputSpec()
+    else:
+        from polyprune.io import read_metadata
+
+        spec = read_metadata(model_or_path).input
+    return replace(spec, size=int(size))
+
+
+def _runtime_latency(
+    backend: str,
+    model_or_path: str | Path | nn.Module,
+    size: int,
+    *,
+    runs: int,
+    warmup: int,
+    threads: int | None,
+    precision: str | None = None,
+) -> tuple[Latency, str]:
+    """Latency of `Predictor.predict_logits` at batch 1 and the runtime's precision name."""
+    from polyprune.infer import Predictor
+
+    spec = _spec_at(model_or_path, size)
+    with Predictor(
+        model_or_path, backend=backend, threads=threads, input_spec=spec, precision=precision
+    ) as p:
+        x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+        lat = time_callable(lambda: p.predict_logits(x), runs=runs, warmup=warmup)
+        return lat, p.precision
+
+
+def onnxruntime_latency(
+    model_or_onnx_path: str | Path | nn.Module,
+    size: int,
+    *,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> Latency:
+    """ONNX Runtime (CPU) latency at batch 1. A module or .safetensors file is first exported (static, at
+    `size`) to a temporary file; a static .onnx file must have been exported at `size`."""
+    return _runtime_latency(
+        "onnxruntime", model_or_onnx_path, size, runs=runs, warmup=warmup, threads=threads
+    )[0]
+
+
+def openvino_latency(
+    model_or_onnx_path: str | Path | nn.Module,
+    size: int,
+    *,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    precision: str | None = None,
+) -> Latency:
+    """OpenVINO (CPU) latency at batch 1; the model is reshaped to a static (1, 3, size, size).
+
+    `precision` None = OpenVINO's default for the CPU (bf16 where the CPU has AVX512_BF16 / AMX).
+    ConfigError if openvino is not installed (optional extra `polyprune[openvino]`).
+    """
+    return _runtime_latency(
+        "openvino", model_or_onnx_path, size, runs=runs, warmup=warmup, threads=threads, precision=precision
+    )[0]
+
+
+# ---------------------------------------------------------------------------------------- benchmark
+
+BENCH_BACKENDS = ("torch", "onnxruntime", "openvino")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # no /proc: the lifetime peak is the best there is
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakRSS:
+    """Context manager: samples the process RSS every `interval` s; `.peak_mb`, `.delta_mb` after exit."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = _rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def resolve_backends(backends: str | Sequence[str]) -> list[str]:
+    """ "all" -> torch, onnxruntime and openvino if installed; otherwise names are validated."""
+    names = [backends] if isinstance(backends, str) else list(backends)
+    if "all" in names:
+        try:
+            import openvino  # noqa: F401
+
+            return list(BENCH_BACKENDS)
+        except ImportError:
+            return ["torch", "onnxruntime"]
+    bad = [b for b in names if b not in BENCH_BACKENDS]
+    if bad or not names:
+        raise ConfigError(
+            f"unknown backend {bad[0] if bad else ''!r}; choose from {', '.join(BENCH_BACKENDS)}, all"
+        )
+    return list(dict.fromkeys(names))
+
+
+def benchmark_models(
+    models: Sequence[str | Path],
+    sizes: Sequence[int] = (352,),
+    backends: str | Sequence[str] = ("torch", "onnxruntime"),
+    threads: int | None = None,
+    runs: int = 20,
+    *,
+    warmup: int = 3,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """One row per model x size x backend: params, MACs, latency, FPS, peak memory, ratios to models[0].
+
+    `models`: .safetensors model files and/or .onnx files (an .onnx file gets no torch row; a model left
+    with no row at all is a ConfigError). `threads` None = torch's current thread count, used for every
+    backend. Sizes must be multiples of the model's stride.
+
+    Row keys: model, name (file stem; file name where two models share a stem), backend, precision,
+    size, threads, params, macs, median_ms, p90_ms, min_ms, runs, fps (= 1000 / median_ms),
+    peak_rss_mb, peak_rss_delta_mb, speedup (median of the first model's row with the same backend and
+    size / this median), params_ratio, macs_ratio (this / first).
+    params / macs are None for an .onnx file without polyprune architecture metadata.
+    """
+    from polyprune.export import export_onnx, read_onnx_metadata
+    from polyprune.io import load_model
+    from polyprune.models import build_model
+    from polyprune.progress import progress_bar
+
+    if not models:
+        raise ConfigError("benchmark needs at least one model")
+    if runs < 1 or warmup < 0:
+        raise ConfigError(f"runs must be >= 1 and warmup >= 0, got {runs}, {warmup}")
+    names = resolve_backends(backends)
+    threads = threads or torch.get_num_threads()
+    paths = [Path(m) for m in models]
+    for p in paths:
+        if p.suffix.lower() == ".onnx" and names == ["torch"]:
+            raise ConfigError(f"{p} is an ONNX file: it has no torch backend (use onnxruntime or openvino)")
+        if not p.is_file():
+            raise ConfigError(f"model file not found: {p}")
+
+    stems = [p.stem for p in paths]
+    labels = [p.stem if stems.count(p.stem) == 1 else p.name for p in paths]  # a.safetensors vs a.onnx
+    rows: list[dict[str, Any]] = []
+    if not sizes:
+        raise ConfigError("benchmark needs at least one size")
+    total = sum(
+        len(sizes) * len([b for b in names if b != "torch" or p.suffix.lower() != ".onnx"]) for p in paths
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="polyprune-bench-") as tmp,
+        progress_bar(total=total, desc="benchmark", enabled=progress) as bar,
+    ):
+        for k, path in enumerate(paths):
+            is_onnx = path.suffix.lower() == ".onnx"
+            if is_onnx:
+                arch = read_onnx_metadata(path).arch
+                ref = _build_from_arch(arch, build_model)
+            else:
+                ref = load_model(path)
+            stride = int(getattr(ref, "stride", 1)) if ref is not None else 1
+            for size in sizes:
+                if size < 1 or size % stride:
+                    raise ConfigError(f"size {size} must be a positive multiple of {stride} for {path}")
+                params = count_params(ref) if ref is not None else None
+                macs = count_macs(ref, size) if ref is not None else None
+                onnx_path = path
+                if not is_onnx and any(b != "torch" for b in names):  # export outside the memory sampling
+                    onnx_path = Path(tmp) / f"{k}_{size}.onnx"
+                    export_onnx(path, onnx_path, size=size, check=False)
+                for backend in names:
+                    if backend == "torch" and is_onnx:
+                        continue
+                    with PeakRSS() as mem:
+                        if backend == "torch":
+                            lat = torch_latency(
+                                load_model(path), size, runs=runs, warmup=warmup, threads=threads
+                            )
+                            precision = "f32"
+                        else:
+                            lat, precision = _runtime_latency(
+                                backend, onnx_path, size, runs=runs, warmup=warmup, threads=threads
+                            )
+                    rows.append(
+                        {
+                            "model": str(path),
+                            "name": labels[k],
+                            "backend": backend,
+                            "precision": precision,
+                            "size": size,
+                            "threads": threads,
+                            "params": params,
+                            "macs": macs,
+                            **lat.to_dict(),
+                            "peak_rss_mb": mem.peak_mb,
+                            "peak_rss_delta_mb": mem.delta_mb,
+                        }
+                    )
+                    bar.advance()
+    _add_ratios(rows)
+    return rows
+
+
+def _build_from_arch(arch: dict[str, Any] | None, build_model: Callable[..., nn.Module]) -> nn.Module | None:
+    """A randomly initialized module of the .onnx file's architecture (for params / MACs), or None."""
+    if not arch or not arch.get("name"):
+        return None
+    cfg = {k: v for k, v in arch.items() if k != "name"}
+    return build_model(arch["name"], **cfg).eval()
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """speedup / params_ratio / macs_ratio against the first model's row of the same backend and size."""
+    first = rows[0]["model"] if rows else None
+    refs: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        if r["model"] == first:
+            refs.setdefault((r["backend"], r["size"]), r)  # a file listed twice: its first rows
+    for r in rows:
+        ref = refs.get((r["backend"], r["size"]))
+        r["speedup"] = ref["median_ms"] / r["median_ms"] if ref and r["median_ms"] > 0 else None
+        r["params_ratio"] = r["params"] / ref["params"] if ref and ref["params"] and r["params"] else None
+        r["macs_ratio"] = r["macs"] / ref["macs"] if ref and ref["macs"] and r["macs"] else None
+
+
+def system_info() -> dict[str, Any]:
+    """Where the numbers were measured: CPU, cores, library versions."""
+    import platform
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_name() or platform.processor(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    for mod in ("onnxruntime", "openvino"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    return info
+
+
+def _cpu_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def benchmark_table(rows: list[dict[str, Any]]) -> Any:
+    """A rich Table of `benchmark_models` rows (speed-up and ratio columns against the first model)."""
+    from rich.table import Table
+
+    table = Table(title="latency at batch 1 (ms)", header_style="bold")
+    for col in ("model", "backend", "prec", "size", "params", "GMACs", "median", "p90", "min", "FPS"):
+        table.add_column(col, justify="left" if col in ("model", "backend", "prec") else "right")
+    for col in ("mem +MB", "speed-up", "params x", "MACs x"):
+        table.add_column(col, justify="right")
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["backend"],
+            r["precision"],
+            str(r["size"]),
+            num(r["params"] and r["params"] / 1e6, ".3f") + ("M" if r["params"] else ""),
+            num(r["macs"] and r["macs"] / 1e9, ".3f"),
+            num(r["median_ms"], ".2f"),
+            num(r["p90_ms"], ".2f"),
+            num(r["min_ms"], ".2f"),
+            num(r["fps"], ".1f"),
+            num(r["peak_rss_delta_mb"], ".0f"),
+            num(r["speedup"], ".2f") + ("x" if r["speedup"] else ""),
+            num(r["params_ratio"], ".3f"),
+            num(r["macs_ratio"], ".3f"),
+        )
+    return table
