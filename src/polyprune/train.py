@@ -446,6 +446,10 @@ def fit(
             }
             bar.set(loss=f"{row['loss']:.4f}", val_dice=f"{val:.4f}")
         history.append(row)
+        log(
+            f"{desc} {epoch + 1}/{epochs}: loss {row['loss']:.4f}  val Dice {val:.4f}  ({row['seconds']:.0f} s)",
+            enabled=progress,
+        )
         improved = not math.isnan(val) and val > loop["best_dice"]
         if improved or (math.isnan(val) and loop["step"] >= total_steps):
             loop["best_dice"] = val if improved else loop["best_dice"]

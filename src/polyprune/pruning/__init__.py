@@ -1,0 +1,25 @@
+"""Filter pruning: importance criteria, physical removal through coupled groups, iterative schedule.
+
+from polyprune.pruning import prune_model
+result = prune_model(model, torch.randn(1, 3, 256, 256), loader, "taylor-gradnorm", {"macs": 0.25})
+"""
+
+from __future__ import annotations
+
+from polyprune.pruning.engine import (
+    PruneResult,
+    layer_widths,
+    prune_model,
+    replay_pruning_history,
+)
+from polyprune.pruning.importance import CRITERIA, compute_importance, find_layers
+
+__all__ = [
+    "CRITERIA",
+    "PruneResult",
+    "compute_importance",
+    "find_layers",
+    "layer_widths",
+    "prune_model",
+    "replay_pruning_history",
+]

@@ -1,0 +1,414 @@
+"""Physical filter removal: coupled groups (torch-pruning DependencyGraph), ranking, widths, replay.
+
+A *group* is everything that must lose the same channels together: a conv's out-channels, its
+BatchNorm, the in-channels of every consumer (the next conv, and the decoder conv that receives the
+skip concat, at the concat's offset) and any conv added element-wise to it. torch-pruning 1.6 traces
+those couplings; we choose the channels ourselves, so every rule below is exact:
+
+    group score     S_g[c] = reduce_{conv l in g} I_l[c]           group_reduce: sum (default) | mean | max
+    ranking         scope="global": all channels of all groups, ascending S_g[c];
+                    scope="uniform": each group loses the same fraction of its channels
+    widths          keep_g in {C_g} U {k * round_to : min_channels <= k * round_to < C_g}, the value
+                    nearest to the ranking's wish (ties keep more): widths stay multiples of round_to
+                    and never drop below min_channels
+    search          the smallest k (channels taken off the ranking) whose pruned model meets the
+                    target: {"ratio": r} removes r of the prunable filters (as many as the widths allow
+                    if fewer); {"params": f} / {"macs": f} keep at most f of the current params / MACs
+                    (TargetError if out of reach). Several keys: the first one met wins.
+
+Groups that reach the network output (the head) and groups of `ignored_layers` are never pruned.
+The pruned model is the same plain nn.Module, pruned in place; `history` lists (layer, removed
+out-channel indices) so `replay_pruning_history` rebuilds the shapes on a fresh unpruned module.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from polyprune import profile
+from polyprune.errors import ConfigError, ModelFileError, TargetError
+from polyprune.profile import count_params
+from polyprune.pruning.importance import CRITERIA, DATA_CRITERIA, LossFn, compute_importance, find_layers
+
+SCOPES = ("global", "uniform")
+GROUP_REDUCES = ("sum", "mean", "max")
+TARGET_KEYS = ("ratio", "params", "macs")
+
+
+@dataclass
+class PruneGroup:
+    """One coupled group, named by its root conv; `members` are the convs whose out-channels it removes."""
+
+    root: str
+    size: int
+    members: list[tuple[str, list[int], list[int]]]  # (conv name, its channel idxs, matching root idxs)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    history: list[list[Any]]  # [[layer name, [removed out-channel idxs]], ...] in the order applied
+    removed: dict[str, int]  # root layer -> filters removed
+    widths_before: dict[str, int]
+    widths_after: dict[str, int]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    criterion: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def filters_removed(self) -> int:
+        return sum(self.removed.values())
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able record of this call (no model)."""
+        return {
+            "criterion": self.criterion,
+            "options": self.options,
+            "filters_removed": self.filters_removed,
+            "params": [self.params_before, self.params_after],
+            "macs": [self.macs_before, self.macs_after],
+            "widths": self.widths_after,
+        }
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Out-channels of every conv / ConvTranspose, by module name."""
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, _ConvNd)}
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """MACs at batch 1 and the example input's (C, H, W): polyprune.profile's counter."""
+    c, h, w = example_input.shape[1:]
+    return profile.count_macs(model, (h, w), in_channels=c)
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's DependencyGraph, traced in eval mode (no BatchNorm statistics change)."""
+    was_training = model.training
+    try:
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    finally:
+        model.train(was_training)  # tp's tracer leaves the model in eval mode
+    return dg
+
+
+def _touches_output(dg: tp.DependencyGraph, group: Any) -> bool:
+    """True if pruning the group would change the network's output channels (the head's group)."""
+    return any(dg.is_out_channel_pruning_fn(dep.handler) and not dep.target.outputs for dep, _ in group)
+
+
+def prunable_groups(
+    model: nn.Module, dg: tp.DependencyGraph, ignored_layers: Iterable[nn.Module | str] | None = None
+) -> list[PruneGroup]:
+    """Every conv-rooted group except the head's and those holding an ignored layer, in graph order."""
+    names = {m: n for n, m in model.named_modules()}
+    ignored = [model.get_submodule(x) if isinstance(x, str) else x for x in (ignored_layers or [])]
+    ignored = [sub for m in ignored for sub in m.modules()]  # a block means all its layers
+    groups = []
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(_ConvNd,)):
+        if _touches_output(dg, group):
+            continue
+        members = []
+        for item in group:
+            mod = item.dep.target.module
+            if isinstance(mod, _ConvNd) and dg.is_out_channel_pruning_fn(item.dep.handler):
+                members.append((names[mod], list(item.idxs), list(item.root_idxs)))
+        root = group[0].dep.target.module
+        groups.append(PruneGroup(names[root], dg.get_out_channels(root), members))
+    return groups
+
+
+def group_scores(
+    groups: list[PruneGroup], scores: dict[str, torch.Tensor], reduce: str
+) -> list[torch.Tensor | None]:
+    """S_g per root channel; None for a group none of whose convs has a score (it is not pruned)."""
+    out: list[torch.Tensor | None] = []
+    for g in groups:
+        rows = []
+        for name, idxs, root_idxs in g.members:
+            if name not in scores:
+                continue
+            row = torch.zeros(g.size, dtype=torch.float64)
+            row[torch.tensor(root_idxs)] = scores[name].double()[torch.tensor(idxs)]
+            rows.append(row)
+        if not rows:
+            out.append(None)
+            continue
+        stack = torch.stack(rows)
+        out.append(
+            stack.sum(0) if reduce == "sum" else stack.mean(0) if reduce == "mean" else stack.max(0).values
+        )
+    return out
+
+
+def allowed_width(size: int, wish: float, min_channels: int, round_to: int) -> int:
+    """The allowed width nearest to `wish` (ties keep more): the full width or a multiple of round_to."""
+    allowed = [size] + [v for v in range(round_to, size, round_to) if v >= min_channels]
+    return min(allowed, key=lambda v: (abs(v - wish), -v))
+
+
+class _Planner:
+    """Maps k (channels taken off the ranking) to the channel indices each group removes; monotone in k."""
+
+    def __init__(
+        self,
+        groups: list[PruneGroup],
+        gscores: list[torch.Tensor | None],
+        scope: str,
+        min_channels: int,
+        round_to: int,
+    ) -> None:
+        self.groups, self.scope = groups, scope
+        self.min_channels, self.round_to = min_channels, round_to
+        self.active = [i for i, s in enumerate(gscores) if s is not None]
+        # within-group order, lowest score first; stable sort: ties fall to the lower index, deterministically
+        self.order = {i: torch.sort(gscores[i], stable=True).indices.tolist() for i in self.active}  # type: ignore[arg-type]
+        self.total = sum(groups[i].size for i in self.active)
+        if scope == "global" and self.active:
+            flat = torch.cat([gscores[i] for i in self.active])  # type: ignore[misc]
+            owner = torch.cat([torch.full((groups[i].size,), i) for i in self.active])
+            self.global_owner = owner[torch.sort(flat, stable=True).indices].tolist()
+
+    def plan(self, k: int) -> dict[int, list[int]]:
+        if self.scope == "global" and self.active:
+            wish: dict[int, int] = dict.fromkeys(self.active, 0)
+            for i in self.global_owner[:k]:
+                wish[i] += 1
+        else:
+            r = k / max(1, self.total)
+            wish = {i: round(r * self.groups[i].size) for i in self.active}
+        out = {}
+        for i, n in wish.items():
+            size = self.groups[i].size
+            keep = allowed_width(size, size - n, self.min_channels, self.round_to)
+            if keep < size:
+                out[i] = sorted(self.order[i][: size - keep])
+        return out
+
+    def removed(self, k: int) -> int:
+        return sum(len(v) for v in self.plan(k).values())
+
+
+def _apply(
+    model: nn.Module, dg: tp.DependencyGraph, groups: list[PruneGroup], plan: dict[int, list[int]]
+) -> list[list[Any]]:
+    history = []
+    for i in sorted(plan):
+        root = model.get_submodule(groups[i].root)
+        pruner = dg.get_pruner_of_module(root)
+        group = dg.get_pruning_group(root, pruner.prune_out_channels, plan[i])
+        if not dg.check_pruning_group(group):  # cannot happen with min width >= 1; guards tp changes
+            raise TargetError(f"pruning {groups[i].root} would remove every channel of a coupled layer")
+        group.prune(record_history=False)
+        history.append([groups[i].root, [int(c) for c in plan[i]]])
+    return history
+
+
+def _parse_target(target: dict[str, float] | None) -> dict[str, float]:
+    if not target:
+        raise ConfigError(
+            'prune_model needs a target, e.g. {"macs": 0.25}, {"params": 0.5} or {"ratio": 0.1}'
+        )
+    unknown = set(target) - set(TARGET_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown target key(s) {sorted(unknown)}; use {', '.join(TARGET_KEYS)}")
+    for key, v in target.items():
+        if key == "ratio" and not 0 <= v < 1:
+            raise ConfigError(f"target ratio must be in [0, 1), got {v}")
+        if key != "ratio" and not 0 < v <= 1:
+            raise ConfigError(f"target {key} must be a fraction in (0, 1], got {v}")
+    return dict(target)
+
+
+def _check_options(criterion: str, scope: str, group_reduce: str, min_channels: int, round_to: int) -> None:
+    if criterion not in CRITERIA:
+        raise ConfigError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if scope not in SCOPES:
+        raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if group_reduce not in GROUP_REDUCES:
+        raise ConfigError(f"group_reduce must be one of {', '.join(GROUP_REDUCES)}, got {group_reduce!r}")
+    if min_channels < 1:
+        raise ConfigError(f"min_channels must be >= 1, got {min_channels}")
+    if round_to < 1:
+        raise ConfigError(f"round_to must be >= 1 (1 disables rounding), got {round_to}")
+
+
+# ------------------------------------------------------------------------------------------ public
+
+
+def prune_model(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    calibration_loader: Iterable[Any] | None = None,
+    criterion: str = "taylor-gradnorm",
+    target: dict[str, float] | None = None,
+    *,
+    reduce: str = "abs",
+    signal: str = "loss",
+    loss_fn: LossFn | None = None,
+    n_images: int = 64,
+    ignored_layers: Iterable[nn.Module | str] | None = None,
+    min_channels: int = 4,
+    round_to: int = 8,
+    scope: str = "global",
+    group_reduce: str = "sum",
+    seed: int = 0,
+) -> PruneResult:
+    """Score, rank and physically remove filters of `model` (in place) until `target` is met.
+
+    `example_input` (any batch size; its shape sets the MACs) traces the graph. The data-driven
+    criteria (taylor-gradnorm, taylor) read `n_images` from `calibration_loader`, which yields
+    (image, mask) batches (image-only batches work with signal="random"). Raises TargetError when the
+    target cannot be met within min_channels / round_to; the model is then left unchanged.
+    """
+    targets = _parse_target(target)
+    _check_options(criterion, scope, group_reduce, min_channels, round_to)
+    if criterion in DATA_CRITERIA and calibration_loader is None:
+        raise ConfigError(f"criterion {criterion!r} needs calibration images (calibration_loader)")
+    example_input = example_input.to(next(model.parameters()).device)
+    options = {
+        "reduce": reduce,
+        "signal": signal,
+        "n_images": n_images,
+        "min_channels": min_channels,
+        "round_to": round_to,
+        "scope": scope,
+        "group_reduce": group_reduce,
+        "seed": seed,
+        "target": targets,
+    }
+    widths_before = layer_widths(model)
+    params0, macs0 = count_params(model), count_macs(model, example_input)
+
+    dg = build_graph(model, example_input)
+    groups = prunable_groups(model, dg, ignored_layers)
+    all_layers = find_layers(model, example_input)
+    member_names = {name for g in groups for name, _, _ in g.members}
+    layers = {n: all_layers[n] for n in sorted(member_names)}
+    scores = compute_importance(
+        model,
+        criterion,
+        calibration_loader,
+        layers=layers,
+        reduce=reduce,
+        signal=signal,
+        loss_fn=loss_fn,
+        n_images=n_images,
+        seed=seed,
+    )
+    planner = _Planner(groups, group_scores(groups, scores, group_reduce), scope, min_channels, round_to)
+
+    metric_cache: dict[int, tuple[int, int]] = {}
+
+    def metrics(k: int) -> tuple[int, int]:
+        """(params, MACs) of the model pruned with plan(k), measured on a copy."""
+        if k not in metric_cache:
+            trial = copy.deepcopy(model)
+            _apply(trial, build_graph(trial, example_input), groups, planner.plan(k))
+            metric_cache[k] = (count_params(trial), count_macs(trial, example_input))
+        return metric_cache[k]
+
+    def met(k: int) -> bool:
+        if "ratio" in targets and planner.removed(k) >= math.ceil(targets["ratio"] * planner.total - 1e-9):
+            return True
+        if "params" in targets or "macs" in targets:
+            params, macs = metrics(k)
+            if "params" in targets and params <= targets["params"] * params0:
+                return True
+            if "macs" in targets and macs <= targets["macs"] * macs0:
+                return True
+        return False
+
+    k_max = planner.total
+    if set(targets) == {"ratio"} and not met(k_max) and planner.removed(k_max) > 0:
+        lo = k_max  # a ratio is a step size: widths may cap it, then as much as they allow
+    elif not met(k_max):
+        params, macs = metrics(k_max)
+        best = {
+            "ratio": f"{planner.removed(k_max) / max(1, planner.total):.3f}",
+            "params": f"{params / params0:.3f}",
+            "macs": f"{macs / macs0:.3f}",
+        }
+        wanted = ", ".join(f"{k} {v:g} (best reachable {best[k]})" for k, v in targets.items())
+        raise TargetError(
+            f"target {wanted} cannot be met with min_channels={min_channels}, round_to={round_to}"
+        )
+    else:
+        lo = 0
+    hi = k_max  # smallest k with met(k): met is monotone in k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if met(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    plan = planner.plan(lo)
+    history = _apply(model, dg, groups, plan)
+    removed = {groups[i].root: len(idxs) for i, idxs in plan.items()}
+    return PruneResult(
+        model=model,
+        history=history,
+        removed=removed,
+        widths_before=widths_before,
+        widths_after=layer_widths(model),
+        params_before=params0,
+        params_after=count_params(model),
+        macs_before=macs0,
+        macs_after=count_macs(model, example_input),
+        criterion=criterion,
+        options=options,
+    )
+
+
+def replay_pruning_history(
+    model: nn.Module,
+    history: list[list[Any]],
+    input_size: int | tuple[int, int],
+    in_channels: int | None = None,
+) -> nn.Module:
+    """Redo recorded pruning on the unpruned `model` (in place): entries [layer, idxs] (or tp's [layer, True, idxs])."""
+    if in_channels is None:
+        first = next((m for m in model.modules() if isinstance(m, _ConvNd)), None)
+        if first is None:
+            raise ModelFileError("cannot replay a pruning history on a model without convolutions")
+        in_channels = first.in_channels
+    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    example = torch.randn(1, in_channels, h, w, device=next(model.parameters()).device)
+    dg = build_graph(model, example)
+    for entry in history:
+        name, idxs = entry[0], entry[-1]
+        if len(entry) == 3 and not entry[1]:
+            raise ModelFileError(
+                f"pruning history entry for {name!r} prunes in-channels; only out-channels replay"
+            )
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ModelFileError(
+                f"pruning history names layer {name!r}, which base_model does not have"
+            ) from exc
+        pruner = dg.get_pruner_of_module(module)
+        if pruner is None or module not in dg.module2node:
+            raise ModelFileError(
+                f"pruning history names layer {name!r}, which cannot be pruned in base_model"
+            )
+        if max(idxs, default=-1) >= pruner.get_out_channels(module):
+            raise ModelFileError(f"pruning history does not fit base_model: {name!r} has too few channels")
+        dg.get_pruning_group(module, pruner.prune_out_channels, list(idxs)).prune(record_history=False)
+    return model

@@ -1,0 +1,348 @@
+"""Importance criteria: one score per output channel (filter) of every prunable conv. Low = prune first.
+
+Notation. For a conv layer l with filter (output channel) c: W_c its weights; A_c the feature map the
+layer hands on, i.e. the output of the BatchNorm right after the conv (the conv output itself where no
+BatchNorm follows), shape (H, W) per image; dA_c the gradient reaching A_c; y_n the network output of
+calibration image n (all pixels); g_n the gradient injected at y_n. Calibration: N images (default 64)
+from a loader, in mini-batches B, model in eval mode (BatchNorm uses running statistics, so every
+image is independent of the others in its batch and the scores measure the deployed network).
+
+    taylor-gradnorm   (default; Sapkota et al. 2023, "gradient-normalized backpropagation")
+        g_n  = dL(y_n, t_n)/dy_n            signal="loss"   (per-image training loss)
+             = z_n ~ N(0, I), seeded         signal="random" (label-free)
+        g_n <- g_n / ||g_n||_2               (unit norm over all output pixels, per image)
+        s_nc = sum_{h,w} A_c * dA_c          (backprop of the normalized g_n)
+        I_c  = sum_n |s_nc|                  reduce="abs"
+             = sum_n  s_nc^2                 reduce="sq"
+      First-order Taylor estimate of how much removing filter c changes the OUTPUT of image n, with
+      every image weighted equally (the normalization removes the scale of each image's gradient).
+
+    taylor            (Molchanov et al. 2019, Taylor-FO on BatchNorm outputs)
+        I_c  = sum_B ( sum_{n in B, h, w} A_c * dL_B/dA_c )^2,   L_B the mean loss of mini-batch B
+      (signal="random" backpropagates an unnormalized N(0, I) output gradient instead of dL_B/dy)
+
+    l1                I_c = ||W_c||_1
+    l2                I_c = ||W_c||_2
+    bn-scale          I_c = |gamma_c| of the BatchNorm after the conv (Network Slimming); a conv with
+                      no BatchNorm after it gets no score and its group is not pruned
+    random            I_c ~ U(0, 1), seeded
+
+For a ConvTranspose, W_c is the slice W[:, c]. Scores are accumulated in float64. Every criterion is
+one function in `CRITERIA` with the signature of `Criterion`; `compute_importance` is the entry point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from polyprune.errors import ConfigError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+REDUCES = ("abs", "sq")
+SIGNALS = ("loss", "random")
+
+
+@dataclass
+class Layer:
+    """A prunable conv and the module whose output is its feature map (its BatchNorm, or itself)."""
+
+    name: str
+    conv: _ConvNd
+    norm: _BatchNorm | None = None
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    @property
+    def feature_module(self) -> nn.Module:
+        return self.norm if self.norm is not None else self.conv
+
+
+@dataclass
+class Calibration:
+    """What the data-driven criteria need; the weight criteria ignore it."""
+
+    loader: Iterable[Any] | None = None
+    n_images: int = 64
+    reduce: str = "abs"
+    signal: str = "loss"
+    loss_fn: LossFn | None = None
+    seed: int = 0
+
+
+class Criterion(Protocol):
+    def __call__(
+        self, model: nn.Module, layers: dict[str, Layer], calib: Calibration
+    ) -> dict[str, torch.Tensor]: ...
+
+
+# --------------------------------------------------------------------------------------- layers
+
+
+def find_layers(model: nn.Module, example_input: torch.Tensor) -> dict[str, Layer]:
+    """Every conv / ConvTranspose of `model`, paired with the BatchNorm that directly consumes its output.
+
+    Found by one forward pass: a BatchNorm follows a conv when its input IS the conv's output tensor.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, _ConvNd)}
+    outputs: list[tuple[torch.Tensor, str]] = []
+    norms: dict[str, _BatchNorm] = {}
+
+    def conv_hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        outputs.append((out, names[mod]))
+
+    def bn_pre_hook(mod: nn.Module, inp: tuple) -> None:
+        for tensor, conv_name in outputs:
+            if inp[0] is tensor and conv_name not in norms:
+                norms[conv_name] = mod  # type: ignore[assignment]
+
+    handles = [m.register_forward_hook(conv_hook) for m in convs.values()]
+    handles += [
+        m.register_forward_pre_hook(bn_pre_hook) for m in model.modules() if isinstance(m, _BatchNorm)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input.to(_device(model)))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {n: Layer(n, c, norms.get(n)) for n, c in convs.items()}
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _filter_dims(conv: _ConvNd) -> tuple[int, ...]:
+    """Weight dims summed for one output channel: all but dim 0 (conv) or dim 1 (ConvTranspose)."""
+    keep = 1 if conv.transposed else 0
+    return tuple(d for d in range(conv.weight.dim()) if d != keep)
+
+
+# -------------------------------------------------------------------------------- weight criteria
+
+
+def l1(model: nn.Module, layers: dict[str, Layer], calib: Calibration) -> dict[str, torch.Tensor]:
+    return {n: ly.conv.weight.detach().double().abs().sum(_filter_dims(ly.conv)) for n, ly in layers.items()}
+
+
+def l2(model: nn.Module, layers: dict[str, Layer], calib: Calibration) -> dict[str, torch.Tensor]:
+    return {
+        n: ly.conv.weight.detach().double().pow(2).sum(_filter_dims(ly.conv)).sqrt()
+        for n, ly in layers.items()
+    }
+
+
+def bn_scale(model: nn.Module, layers: dict[str, Layer], calib: Calibration) -> dict[str, torch.Tensor]:
+    # layers without an affine BatchNorm get no score: the engine then leaves their group alone
+    return {
+        n: ly.norm.weight.detach().double().abs()
+        for n, ly in layers.items()
+        if ly.norm is not None and ly.norm.weight is not None
+    }
+
+
+def random_scores(model: nn.Module, layers: dict[str, Layer], calib: Calibration) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(calib.seed)
+    return {n: torch.rand(layers[n].out_channels, generator=gen, dtype=torch.float64) for n in sorted(layers)}
+
+
+# -------------------------------------------------------------------------------- Taylor criteria
+
+
+class _FeatureRecorder:
+    """Forward hooks on each layer's feature module; per batch, s[name] = sum over space of A * dA, (B, C).
+
+    A is cloned in the forward hook because an in-place ReLU may overwrite the BatchNorm output later;
+    the tensor hook registered before that in-place op receives dL/dA of the pre-ReLU value.
+    """
+
+    def __init__(self, layers: dict[str, Layer]) -> None:
+        self.s: dict[str, torch.Tensor] = {}
+        self._handles = [ly.feature_module.register_forward_hook(self._hook(n)) for n, ly in layers.items()]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def forward_hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            if not out.requires_grad:
+                return
+            a = out.detach().clone()
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                s = (a.double() * grad.double()).flatten(2).sum(2)
+                self.s[name] = self.s[name] + s if name in self.s else s  # a module run twice adds up
+
+            out.register_hook(grad_hook)
+
+        return forward_hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _batches(
+    calib: Calibration, device: torch.device, need_target: bool
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """(x, target) mini-batches from the loader, cut to `n_images` images in total."""
+    if calib.loader is None:
+        raise ConfigError("this criterion needs calibration images: pass a calibration_loader")
+    if calib.n_images < 1:
+        raise ConfigError(f"n_images must be >= 1, got {calib.n_images}")
+    seen = 0
+    for batch in calib.loader:
+        if isinstance(batch, dict):
+            x, t = batch.get("image"), batch.get("mask")
+        elif isinstance(batch, (list, tuple)):
+            x, t = batch[0], batch[1] if len(batch) > 1 else None
+        else:
+            x, t = batch, None
+        if need_target and t is None:
+            raise ConfigError(
+                "signal 'loss' needs (image, mask) batches; use signal 'random' for unlabeled data"
+            )
+        take = min(x.shape[0], calib.n_images - seen)
+        x = x[:take].to(device)
+        t = t[:take].to(device) if t is not None else None
+        yield x, t
+        seen += take
+        if seen >= calib.n_images:
+            return
+    if seen == 0:
+        raise ConfigError("the calibration loader yielded no images")
+
+
+def _loss_fn(calib: Calibration) -> LossFn:
+    if calib.loss_fn is not None:
+        return calib.loss_fn
+    from polyprune.train import make_loss
+
+    return make_loss("bce-dice")
+
+
+def _taylor_scores(
+    model: nn.Module, layers: dict[str, Layer], calib: Calibration, *, per_sample: bool
+) -> dict[str, torch.Tensor]:
+    """Shared forward/backward loop of both Taylor criteria (see the module docstring)."""
+    if calib.reduce not in REDUCES:
+        raise ConfigError(f"reduce must be one of {', '.join(REDUCES)}, got {calib.reduce!r}")
+    if calib.signal not in SIGNALS:
+        raise ConfigError(f"signal must be one of {', '.join(SIGNALS)}, got {calib.signal!r}")
+    device = _device(model)
+    loss_fn = _loss_fn(calib) if calib.signal == "loss" else None
+    gen = torch.Generator().manual_seed(calib.seed)
+    scores = {n: torch.zeros(ly.out_channels, dtype=torch.float64) for n, ly in layers.items()}
+    was_training = model.training
+    # no parameter gradients: they are not needed, and the user's .grad stays untouched
+    requires = {p: p.requires_grad for p in model.parameters()}
+    recorder = _FeatureRecorder(layers)
+    try:
+        model.eval()
+        for p in requires:
+            p.requires_grad_(False)
+        for x, t in _batches(calib, device, need_target=calib.signal == "loss"):
+            recorder.s.clear()
+            with torch.enable_grad():
+                y = model(x.requires_grad_(True))
+                g = _output_gradient(y, t, calib.signal, loss_fn, gen, per_sample)
+                if per_sample:  # gradient normalization: unit L2 norm per image over all outputs
+                    norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+                    g = g / norm.view(-1, *([1] * (g.dim() - 1)))
+                y.backward(gradient=g)
+            for n in layers:
+                s = recorder.s.get(n)
+                if s is None:  # layer not on the path from input to output
+                    continue
+                s = s.cpu()
+                if per_sample:
+                    scores[n] += s.abs().sum(0) if calib.reduce == "abs" else s.pow(2).sum(0)
+                else:
+                    scores[n] += s.sum(0).pow(2)
+    finally:
+        recorder.close()
+        for p, r in requires.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+    return scores
+
+
+def _output_gradient(
+    y: torch.Tensor,
+    t: torch.Tensor | None,
+    signal: str,
+    loss_fn: LossFn | None,
+    gen: torch.Generator,
+    per_sample: bool,
+) -> torch.Tensor:
+    if signal == "random":
+        return torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
+    assert loss_fn is not None and t is not None
+    y_leaf = y.detach().requires_grad_(True)
+    with torch.enable_grad():
+        if per_sample:
+            # one loss per image: d(sum_n L_n)/dy_n = dL_n/dy_n, whatever batch statistics the loss uses
+            loss = sum(loss_fn(y_leaf[i : i + 1], t[i : i + 1]) for i in range(y.shape[0]))
+        else:
+            loss = loss_fn(y_leaf, t)  # the mean mini-batch loss, as in Molchanov's training-time criterion
+        (g,) = torch.autograd.grad(loss, y_leaf)
+    return g
+
+
+def taylor_gradnorm(
+    model: nn.Module, layers: dict[str, Layer], calib: Calibration
+) -> dict[str, torch.Tensor]:
+    return _taylor_scores(model, layers, calib, per_sample=True)
+
+
+def taylor(model: nn.Module, layers: dict[str, Layer], calib: Calibration) -> dict[str, torch.Tensor]:
+    return _taylor_scores(model, layers, calib, per_sample=False)
+
+
+CRITERIA: dict[str, Criterion] = {
+    "taylor-gradnorm": taylor_gradnorm,
+    "taylor": taylor,
+    "l1": l1,
+    "l2": l2,
+    "bn-scale": bn_scale,
+    "random": random_scores,
+}
+DATA_CRITERIA = ("taylor-gradnorm", "taylor")
+
+
+def compute_importance(
+    model: nn.Module,
+    criterion: str = "taylor-gradnorm",
+    calibration_loader: Iterable[Any] | None = None,
+    *,
+    example_input: torch.Tensor | None = None,
+    layers: dict[str, Layer] | None = None,
+    reduce: str = "abs",
+    signal: str = "loss",
+    loss_fn: LossFn | None = None,
+    n_images: int = 64,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Scores (float64, one per output channel) keyed by conv name, for `layers` (default: every conv).
+
+    `layers` comes from `find_layers(model, example_input)`; pass one of the two.
+    """
+    if criterion not in CRITERIA:
+        raise ConfigError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if layers is None:
+        if example_input is None:
+            raise ConfigError("compute_importance needs example_input or layers")
+        layers = find_layers(model, example_input)
+    calib = Calibration(calibration_loader, n_images, reduce, signal, loss_fn, seed)
+    return CRITERIA[criterion](model, layers, calib)
