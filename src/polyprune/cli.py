@@ -32,7 +32,10 @@ def _echo_json(obj: object) -> None:
     import json
 
     from polyprune.io import _json_default
+    from polyprune.progress import is_main_process
 
+    if not is_main_process():  # under torchrun one JSON document, from rank 0
+        return
     typer.echo(json.dumps(obj, indent=2, default=_json_default))
 
 
@@ -70,7 +73,9 @@ def train(
     batch: int = 8,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
-    loss: Annotated[str, typer.Option(help="bce-dice | structure (PraNet's weighted BCE + IoU)")] = "bce-dice",
+    loss: Annotated[
+        str, typer.Option(help="bce-dice | structure (PraNet's weighted BCE + IoU)")
+    ] = "bce-dice",
     val_fraction: Annotated[float, typer.Option(help="Validation share carved from training data.")] = 0.1,
     ids: Annotated[
         list[Path] | None, typer.Option("--ids", help="Use only these ids (split file, repeatable).")
@@ -83,10 +88,16 @@ def train(
     seed: Seed = 0,
     threads: Threads = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 on CUDA, fp32 on CPU)")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 on CUDA, fp32 on CPU)")
+    ] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from RUN/checkpoint after the last finished epoch.")] = False,
-    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable pairs with a warning instead of failing.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from RUN/checkpoint after the last finished epoch.")
+    ] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable pairs with a warning instead of failing.")
+    ] = False,
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -133,6 +144,7 @@ def _summary(line: str) -> None:
 
     log(line)
 
+
 # ---------------------------------------------------------------------------------------- evaluate
 # (metrics helper)
 
@@ -164,7 +176,9 @@ def evaluate(
         Path | None,
         typer.Option("--save-preds", help="Write probability PNGs at GT size: DIR/<dataset>/<id>.png."),
     ] = None,
-    backend: Annotated[str, typer.Option(help="auto (.onnx: onnxruntime) | torch | onnxruntime | openvino")] = "auto",
+    backend: Annotated[
+        str, typer.Option(help="auto (.onnx: onnxruntime) | torch | onnxruntime | openvino")
+    ] = "auto",
     threads: Threads = None,
     skip_bad: Annotated[
         bool, typer.Option(help="Skip unreadable pairs with a warning instead of failing.")
