@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from polyprune import distributed as dist_utils
-from polyprune.errors import ConfigError, TrainingError
+from polyprune.errors import ConfigError, ModelFileError, TrainingError
 from polyprune.io import InputSpec, save_model, save_tensors, write_json
 from polyprune.progress import is_main_process, log, progress_bar
 
@@ -75,7 +75,8 @@ def autocast(device: torch.device, precision: str):
 
 
 def set_threads(threads: int | None) -> None:
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    """Default: all cores, shared out among the processes torchrun started on this machine."""
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // dist_utils.local_world_size()))
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -300,16 +301,24 @@ def save_checkpoint(
 def load_checkpoint(
     path: Path, model: nn.Module, opt: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata()
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    _unflatten_optimizer(opt, tensors, json.loads(meta["optimizer"]))
-    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-    return json.loads(meta["loop"]), best
+    try:  # a checkpoint of another run (other --width / --size) or a damaged file: one line, no traceback
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _unflatten_optimizer(opt, tensors, json.loads(meta["optimizer"]))
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+        return json.loads(meta["loop"]), best
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else repr(exc))
+        raise ModelFileError(
+            f"cannot resume from {path} ({why[:160]}); it belongs to another run or is damaged: "
+            "delete it or drop --resume"
+        ) from exc
 
 
 # -------------------------------------------------------------------------------------------- fit
@@ -342,7 +351,7 @@ def fit(
     `iters` (fine-tuning budget in optimizer steps) overrides `epochs`. Returns one history row per
     epoch: epoch, loss, val_dice, lr, seconds, skipped (non-finite) steps.
     """
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dev = dist_utils.local_device(device if isinstance(device, torch.device) else resolve_device(device))
     prec = resolve_precision(precision, dev)
     if len(train_ds) == 0:
         raise ConfigError("the training set is empty")
@@ -431,6 +440,12 @@ def fit(
                 loss_sum += value.item()
                 n_steps += 1
                 bar.advance(loss=f"{loss_sum / n_steps:.4f}")
+            # DDP broadcast rank 0's BatchNorm statistics before each forward; each rank then updated
+            # its own copy on its last batch: make every rank's model identical again (rank 0's)
+            dist_utils.broadcast_buffers(model)
+            if world > 1:  # the epoch's loss over all ranks' batches, not rank 0's alone
+                tot = torch.tensor([loss_sum, n_steps], dtype=torch.float64)
+                loss_sum, n_steps = float(dist_utils.all_reduce_sum(tot)[0]), int(tot[1])
             val = (
                 validation_dice(model, val_ds, batch=batch, device=dev, precision=prec)
                 if val_ds

@@ -29,6 +29,18 @@ image is independent of the others in its batch and the scores measure the deplo
 
 For a ConvTranspose, W_c is the slice W[:, c]. Scores are accumulated in float64. Every criterion is
 one function in `CRITERIA` with the signature of `Criterion`; `compute_importance` is the entry point.
+
+signal="random": z_n is drawn from a generator seeded by (seed, n), n the image's position among the
+calibration images, so the scores do not depend on how the loader batches them.
+
+Under torchrun (a process group is initialized; see polyprune.distributed) the data-driven criteria
+split the work: every rank iterates the SAME loader, rank r of K forwards/backwards images r, r+K,
+r+2K, ... of the first n_images, and the per-rank sums are all-reduced (sum) before they are returned,
+so every rank ranks -- and removes -- the same filters. taylor-gradnorm is a sum over images, so K ranks
+give the single-process scores up to float rounding. taylor squares per mini-batch: under K ranks its
+mini-batches are each rank's share of a loader batch (as in DDP training, where each rank sees its own
+mini-batch), so its scores depend on K. The weight criteria and `random` need no communication: the
+weights are identical on every rank and `random` is seeded.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from polyprune import distributed as dist_utils
 from polyprune.errors import ConfigError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,6 +89,8 @@ class Calibration:
     signal: str = "loss"
     loss_fn: LossFn | None = None
     seed: int = 0
+    rank: int = 0  # this process scores images rank, rank + world, ... (see the module docstring)
+    world: int = 1
 
 
 class Criterion(Protocol):
@@ -195,8 +210,12 @@ class _FeatureRecorder:
 
 def _batches(
     calib: Calibration, device: torch.device, need_target: bool
-) -> Iterator[tuple[torch.Tensor, Any]]:
-    """(x, target) mini-batches from the loader, cut to `n_images` images in total."""
+) -> Iterator[tuple[torch.Tensor, Any, list[int]]]:
+    """(x, target, image indices) mini-batches of this rank's share of the first `n_images` images.
+
+    Image n (counted over the whole loader) belongs to rank n % world; a loader batch with none of
+    this rank's images is skipped.
+    """
     if calib.loader is None:
         raise ConfigError("this criterion needs calibration images: pass a calibration_loader")
     if calib.n_images < 1:
@@ -214,9 +233,12 @@ def _batches(
                 "signal 'loss' needs (image, mask) batches; use signal 'random' for unlabeled data"
             )
         take = min(x.shape[0], calib.n_images - seen)
-        x = x[:take].to(device)
-        t = t[:take].to(device) if t is not None else None
-        yield x, t
+        mine = [j for j in range(take) if (seen + j) % calib.world == calib.rank]
+        if mine:
+            sel = torch.tensor(mine) if len(mine) < x.shape[0] else slice(None)
+            xs = x[sel].to(device)
+            ts = t[sel].to(device) if t is not None else None
+            yield xs, ts, [seen + j for j in mine]
         seen += take
         if seen >= calib.n_images:
             return
@@ -242,7 +264,6 @@ def _taylor_scores(
         raise ConfigError(f"signal must be one of {', '.join(SIGNALS)}, got {calib.signal!r}")
     device = _device(model)
     loss_fn = _loss_fn(calib) if calib.signal == "loss" else None
-    gen = torch.Generator().manual_seed(calib.seed)
     scores = {n: torch.zeros(ly.out_channels, dtype=torch.float64) for n, ly in layers.items()}
     was_training = model.training
     # no parameter gradients: they are not needed, and the user's .grad stays untouched
@@ -252,11 +273,11 @@ def _taylor_scores(
         model.eval()
         for p in requires:
             p.requires_grad_(False)
-        for x, t in _batches(calib, device, need_target=calib.signal == "loss"):
+        for x, t, idx in _batches(calib, device, need_target=calib.signal == "loss"):
             recorder.s.clear()
             with torch.enable_grad():
                 y = model(x.requires_grad_(True))
-                g = _output_gradient(y, t, calib.signal, loss_fn, gen, per_sample)
+                g = _output_gradient(y, t, calib.signal, loss_fn, calib.seed, idx, per_sample)
                 if per_sample:  # gradient normalization: unit L2 norm per image over all outputs
                     norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
                     g = g / norm.view(-1, *([1] * (g.dim() - 1)))
@@ -278,16 +299,26 @@ def _taylor_scores(
     return scores
 
 
+def _image_seed(seed: int, n: int) -> int:
+    """Seed of image n's random output gradient: a function of (seed, n) only."""
+    return (seed * 1_000_003 + n) % 2**63
+
+
 def _output_gradient(
     y: torch.Tensor,
     t: torch.Tensor | None,
     signal: str,
     loss_fn: LossFn | None,
-    gen: torch.Generator,
+    seed: int,
+    idx: list[int],
     per_sample: bool,
 ) -> torch.Tensor:
     if signal == "random":
-        return torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
+        z = [
+            torch.randn(y.shape[1:], generator=torch.Generator().manual_seed(_image_seed(seed, n)))
+            for n in idx
+        ]
+        return torch.stack(z).to(device=y.device, dtype=y.dtype)
     assert loss_fn is not None and t is not None
     y_leaf = y.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -333,10 +364,16 @@ def compute_importance(
     loss_fn: LossFn | None = None,
     n_images: int = 64,
     seed: int = 0,
+    distributed: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Scores (float64, one per output channel) keyed by conv name, for `layers` (default: every conv).
 
     `layers` comes from `find_layers(model, example_input)`; pass one of the two.
+
+    `distributed` (default: whether a torch.distributed process group is initialized): the
+    data-driven criteria score this rank's share of the calibration images and all-reduce the sums,
+    so EVERY rank must call this with the same loader, layers and options. Pass False to score all
+    images in this process alone (e.g. on rank 0 only).
     """
     if criterion not in CRITERIA:
         raise ConfigError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
@@ -344,5 +381,12 @@ def compute_importance(
         if example_input is None:
             raise ConfigError("compute_importance needs example_input or layers")
         layers = find_layers(model, example_input)
-    calib = Calibration(calibration_loader, n_images, reduce, signal, loss_fn, seed)
-    return CRITERIA[criterion](model, layers, calib)
+    if distributed is None:
+        distributed = dist_utils.is_distributed()
+    shard = distributed and criterion in DATA_CRITERIA
+    rank, world = (dist_utils.rank(), dist_utils.world_size()) if shard else (0, 1)
+    calib = Calibration(calibration_loader, n_images, reduce, signal, loss_fn, seed, rank, world)
+    scores = CRITERIA[criterion](model, layers, calib)
+    if shard and world > 1:
+        scores = dist_utils.all_reduce_sum_dict(scores)
+    return scores

@@ -16,6 +16,14 @@ targets: the same steps, without fine-tuning); final_epochs still applies.
 RUN/ holds trajectory.json (atomic, rewritten after every step), steps/step_NNN.safetensors (one model
 per completed step), checkpoint/ (the final fine-tune's resume state) and model.safetensors. A killed
 run restarted with resume=True continues after its last completed step.
+
+Under torchrun (K processes) every rank runs the same schedule on identical models: importance is
+scored on each rank's share of the calibration images and all-reduced (see importance.py), so every
+rank removes the same filters; fine-tuning is DDP (train.fit wraps the pruned model anew each time);
+validation Dice is all-reduced; latency is measured on rank 0 and broadcast, so every rank takes the
+same decisions. After every step `assert_same_across_ranks` compares the layer widths and fails
+loudly on any mismatch. Only rank 0 writes RUN/; the other ranks read step files after a barrier
+(several nodes: RUN/ must be on a filesystem all nodes share, as must the parent model and data).
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from polyprune import distributed as dist_utils
 from polyprune.errors import ConfigError, TargetError
 from polyprune.io import load_model, read_json, save_model, write_json
 from polyprune.profile import count_params
-from polyprune.progress import log, progress_bar
+from polyprune.progress import is_main_process, log, progress_bar
 from polyprune.pruning.engine import SCOPES, count_macs, layer_widths, prune_model
 from polyprune.pruning.importance import CRITERIA, REDUCES, SIGNALS
 
@@ -160,7 +169,7 @@ class _Run:
         self.out = Path(cfg.out)
         self.steps_dir = self.out / "steps"
         set_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        self.device = dist_utils.local_device(resolve_device(cfg.device))
         parent = load_model(cfg.model)
         self.meta = parent.polyprune_meta  # type: ignore[attr-defined]
         self.spec = self.meta.input
@@ -192,9 +201,12 @@ class _Run:
         )
         if cfg.max_dice_drop is not None and len(self.val_ds) == 0:
             raise ConfigError("--max-dice-drop needs a validation split (is --val-fraction 0?)")
-        # calibration: a seeded subset of the training split, without augmentation (same seed, same scores)
+        # calibration: a seeded subset of the training split, without augmentation (same seed, same scores);
+        # under K ranks each rank scores every K-th image of a loader batch, i.e. `batch` images per pass
         perm = torch.randperm(len(plain_train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        self.calibration = DataLoader(Subset(plain_train, perm[: cfg.n_images]), batch_size=cfg.batch)
+        self.calibration = DataLoader(
+            Subset(plain_train, perm[: cfg.n_images]), batch_size=cfg.batch * dist_utils.world_size()
+        )
         self.parent = parent.to(self.device)
         self.parent_path = str(Path(cfg.model))
         self.traj_path = self.out / "trajectory.json"
@@ -202,15 +214,19 @@ class _Run:
     # ------------------------------------------------------------------------------ measuring
 
     def measure(self, model: nn.Module) -> dict[str, Any]:
-        return {
-            "params": count_params(model),
-            "macs": count_macs(model, torch.zeros(1, 3, self.size, self.size, device=self.device)),
-            "latency_ms": measure_latency(
-                model, self.size, self.cfg.backend, self.cfg.latency_runs, self.cfg.threads
-            ),
-            "size": self.size,
-            "backend": self.cfg.backend,
-        }
+        """Params, MACs, latency: measured on rank 0 and broadcast, so every rank decides alike."""
+        row = None
+        if dist_utils.rank() == 0:
+            row = {
+                "params": count_params(model),
+                "macs": count_macs(model, torch.zeros(1, 3, self.size, self.size, device=self.device)),
+                "latency_ms": measure_latency(
+                    model, self.size, self.cfg.backend, self.cfg.latency_runs, self.cfg.threads
+                ),
+                "size": self.size,
+                "backend": self.cfg.backend,
+            }
+        return dist_utils.broadcast_object(row)
 
     def dice(self, model: nn.Module) -> float:
         from polyprune.train import validation_dice
@@ -250,6 +266,8 @@ class _Run:
         return Path(self.parent_path) if step == 0 else self.steps_dir / f"step_{step:03d}.safetensors"
 
     def save(self, path: Path, model: nn.Module, traj: dict[str, Any], history: list, upto: int) -> None:
+        if not is_main_process():
+            return
         save_model(
             path,
             model,
@@ -264,7 +282,12 @@ class _Run:
             },
         )
 
+    def write_trajectory(self, traj: dict[str, Any]) -> None:
+        if is_main_process():
+            write_json(self.traj_path, traj)
+
     def load_step(self, step: int) -> tuple[nn.Module, list]:
+        dist_utils.barrier()  # rank 0 may have just written the file
         model = load_model(self.step_path(step))
         history = model.polyprune_meta.pruning.get("history", []) if step else []  # type: ignore[attr-defined]
         return model.to(self.device), list(history)
@@ -368,23 +391,41 @@ def _check_reachable(run: _Run) -> None:
     )
 
 
+def _check_widths(model: nn.Module, what: str) -> None:
+    """Every rank must hold the same architecture (DistributedMismatchError otherwise)."""
+    dist_utils.assert_same_across_ranks(layer_widths(model), f"layer widths {what}")
+
+
 def prune_run(cfg: PruneConfig) -> dict[str, Any]:
-    """Run (or resume) `polyprune prune`; returns the summary that the CLI prints."""
+    """Run (or resume) `polyprune prune`; returns the summary that the CLI prints.
+
+    Under torchrun: joins the process group (gloo on CPU, nccl on GPU) and leaves it at the end.
+    """
     check_config(cfg)
+    owned = dist_utils.setup(cfg.device)
+    summary = _prune_run(cfg)
+    dist_utils.barrier()
+    if owned:
+        dist_utils.teardown()
+    return summary
+
+
+def _prune_run(cfg: PruneConfig) -> dict[str, Any]:
     from polyprune.train import seed_everything
 
     run = _Run(cfg)
     traj: dict[str, Any] | None = None
-    if cfg.resume and run.traj_path.is_file():
+    if cfg.resume and dist_utils.rank() == 0 and run.traj_path.is_file():
         traj = read_json(run.traj_path)
-        if traj.get("config", {}).get("model") != cfg.model:
-            raise ConfigError(
-                f"--resume: {run.traj_path} belongs to a run on another model ({traj['config']['model']})"
-            )
+    traj = dist_utils.broadcast_object(traj)  # rank 0 decides: resume or start afresh
+    if traj is not None and traj.get("config", {}).get("model") != cfg.model:
+        raise ConfigError(
+            f"--resume: {run.traj_path} belongs to a run on another model ({traj['config']['model']})"
+        )
     if traj is None:
         _check_reachable(run)
         traj = _new_trajectory(run)
-        write_json(run.traj_path, traj)
+        run.write_trajectory(traj)
     p = traj["parent"]
     t_start = time.perf_counter()
     ft_iters = cfg.finetune_iters if not cfg.one_shot else None
@@ -400,12 +441,13 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
         model, history = run.load_step(last) if last else (run.parent, [])
         if last:
             log(f"resuming after step {last}", enabled=cfg.progress)
+        _check_widths(model, f"at step {last}")
         while traj["state"] == "pruning":
             step = traj["steps"][-1]["step"] + 1
             prev = traj["steps"][-1]
             if step > cfg.max_steps:
                 _stop_or_fail(cfg, traj, prev, f"reached max_steps={cfg.max_steps}")
-                write_json(run.traj_path, traj)
+                run.write_trajectory(traj)
                 break
             seed_everything(cfg.seed + step)
             t0 = time.perf_counter()
@@ -429,7 +471,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
                     )
                 except TargetError as exc:  # nothing more can be removed
                     _stop_or_fail(cfg, traj, prev, str(exc))
-                    write_json(run.traj_path, traj)
+                    run.write_trajectory(traj)
                     break
                 bar.advance(1, removed=result.filters_removed)
                 d_before = run.dice(model)
@@ -462,6 +504,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
                 checkpoint=str(run.step_path(step).relative_to(run.out)),
                 widths=layer_widths(model),
             )
+            _check_widths(model, f"after step {step}")
             traj["steps"].append(row)
             run.save(run.step_path(step), model, traj, history, step)
             log(
@@ -474,7 +517,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
                 traj.update(state="final", final_step=step - 1)
             elif _target_reached(cfg, traj, row):
                 traj.update(state="final", final_step=step)
-            write_json(run.traj_path, traj)
+            run.write_trajectory(traj)
 
     # ---------------------------------------------------------------------------------- final fine-tune
     if traj["state"] == "final":
@@ -491,6 +534,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
                 checkpoint_dir=run.out / "checkpoint",
                 resume=cfg.resume,
             )
+        _check_widths(model, "of the final model")
         final = {
             "step": final_step,
             **run.measure(model),
@@ -499,7 +543,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
         }
         traj.update(final=final, state="done")
         run.save(run.out / "model.safetensors", model, traj, history, final_step)
-        write_json(run.traj_path, traj)
+        run.write_trajectory(traj)
 
     final = traj["final"]
     summary = {
