@@ -1,0 +1,60 @@
+"""What every cell records about its model file: size, compute, accuracy (val and test), ONNX Runtime latency.
+
+params, macs     polyprune.profile (torch FlopCounterMode, conv MACs) at the model's input size,
+                 and macs_352 at 352 x 352
+val_dice         Dice@0.5 per image on the validation split carved from the parent's training
+                 pool (polyprune.train.validation_dice, fp32)
+test             polyprune.evaluate.evaluate_model on Kvasir-SEG (PraNet test ids, 100) and
+                 CVC-ClinicDB (PraNet test ids, 62): every metric of both protocols (Jha "dice" at
+                 0.5; PraNet toolbox "mean_dice" over 256 thresholds), at GT resolution
+latency          polyprune.profile.onnxruntime_latency: static ONNX export at each size, batch 1,
+                 `latency_threads` intra-op threads, `warmup` untimed runs, then median / p90 /
+                 min of `runs` timed runs of the session call on a preprocessed input
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from grid import Grid
+from polyprune.evaluate import evaluate_model
+from polyprune.io import load_model
+from polyprune.profile import count_macs, count_params, onnxruntime_latency
+from polyprune.pruning import layer_widths
+from polyprune.train import validation_dice
+
+
+def measure_model(
+    path: Path, *, grid: Grid, val_ds: Any, tests: dict[str, tuple[Path, Path]], progress: bool = False
+) -> dict[str, Any]:
+    """The record of one model file; `tests` maps a short name to (dataset folder, ids file)."""
+    t0 = time.perf_counter()
+    model = load_model(path)
+    size = model.polyprune_meta.input.size
+    rec: dict[str, Any] = {
+        "params": count_params(model),
+        "macs": count_macs(model, size),
+        "macs_352": count_macs(model, 352),
+        "size": size,
+        "widths": {k: v for k, v in layer_widths(model).items()},
+        "val_dice": validation_dice(model, val_ds, batch=grid.batch, device="cpu", precision="fp32"),
+        "test": {},
+        "latency": {},
+    }
+    for name, (folder, ids) in tests.items():
+        res = evaluate_model(path, [folder], ids_file=ids, backend="torch", progress=progress)
+        (summary,) = (v for k, v in res.items() if not k.startswith("_"))
+        rec["test"][name] = summary
+    for s in grid.latency_sizes:
+        lat = onnxruntime_latency(
+            path, s, runs=grid.latency_runs, warmup=grid.latency_warmup, threads=grid.latency_threads
+        )
+        rec["latency"][str(s)] = {
+            **lat.to_dict(),
+            "threads": grid.latency_threads,
+            "warmup": grid.latency_warmup,
+        }
+    rec["measure_seconds"] = round(time.perf_counter() - t0, 1)
+    return rec

@@ -1,0 +1,720 @@
+"""polyprune benchmark: filter-pruning criteria vs peers on real Kvasir-SEG and CVC-ClinicDB, on this CPU.
+
+    python benchmarks/run.py [--quick | --smoke] [--parent PATH] [--seeds 0 1] [--with-clinicdb]
+    (make bench = full grid, make bench-quick = --quick; BENCH_PARENT=PATH make bench-quick reuses a parent)
+    python benchmarks/run.py --quick --dry-run     the grid and its estimated wall time, nothing run
+
+Parent. `--parent PATH` reuses a trained polyprune UNet (e.g. /work/runs/kvasir_w16_s192/model.safetensors:
+width 16, 192 px, Kvasir PraNet train split = 1000 - 100 test ids, 10 % of it carved out for
+validation). Without it the harness trains one with polyprune.train (grid.ParentSpec: width 16, 192 px,
+25 epochs, batch 8, AdamW 1e-3 cosine; Kvasir train split, + CVC-ClinicDB train split (612 - 62) with
+--with-clinicdb). The parent's own training config (data, excluded test ids, validation fraction and
+seed) is read from its file, so every cell validates on exactly the parent's validation images.
+
+Grid (grid.py). Methods: taylor-gradnorm (ours) with reduce abs|sq x signal loss|random; Molchanov
+`taylor`; `l1`; `bn-scale`; `random`; torch-pruning's MetaPruner with GroupTaylorImportance and with
+MagnitudeImportance (global ranking, round_to=8, see methods.py); and `scratch`, a uniform-width UNet
+(all parent widths x one factor, MACs matched within ~1 %) trained from scratch. Targets: 50 %, 25 %,
+10 % of the parent's MACs. Seeds: 0 1 (the parent is shared; the seed drives calibration images,
+random scores, fine-tuning order and augmentation, and the scratch model's initialization).
+
+Budgets (the same for every pruning method):
+    prune rounds    `prune_steps` rounds; after round k the model is at target**(k/K) of the parent's
+                    MACs (geometric), each round followed by finetune_iters/K fine-tuning steps
+                    (polyprune.train.fit: AdamW lr 1e-4 cosine, batch 8, the parent's loss and
+                    precision; the round's weights are those of its best validation epoch)
+    calibration     n_images (64) training images, unaugmented, seeded subset, for every
+                    data-driven score (taylor-gradnorm, taylor, tp-taylor), re-scored every round
+    scratch         parent training steps + finetune_iters optimizer steps (the parent's lr, batch,
+                    cosine schedule): the same total training budget as parent + fine-tuning
+    full            11 methods x 3 targets x 2 seeds, 3 rounds, 300 fine-tuning steps per cell
+    --quick         8 methods x 25 % x seed 0, 2 rounds, 150 steps; 7 one-shot curves at 5 ratios
+    --smoke         a width-8 parent trained 5 epochs at 64 px on 110 Kvasir images; tgn-abs-loss,
+                    tp-taylor and scratch at 50 %, 4 fine-tuning steps; 20 + 20 test images; writes
+                    to benchmarks/work/smoke_results (never to benchmarks/results)
+
+One-shot curves: for each criterion, Dice (val) of a fresh copy of the parent pruned to a fraction of
+its filters removed (0 .. 0.9), no fine-tuning (prune_model {"ratio": r}; torch-pruning
+MetaPruner(pruning_ratio=r), one step).
+
+Each cell (method x target x seed) has a folder under the work dir (default benchmarks/work/, git-ignored):
+model.safetensors + train.json (the trained model), then done.json (the record, written atomically,
+last). A killed run resumes: finished cells are skipped, a cell with a model but no record is only
+measured, scratch training resumes from its last epoch. Folder names carry a hash of the cell's
+config, so changed budgets never reuse stale cells.
+
+Outputs (benchmarks/results/ by default; --results DIR): results.json (grid, parent, every cell,
+one-shot curves, machine), results.md (the table, findings, plots), dice_vs_macs.png,
+oneshot_curves.png, speedup_vs_macs.png. `--report-only` rewrites them from finished cells.
+
+Known limits (width-16 parent, round_to=8, min width 8): `bn-scale` cannot reach 10 % (ConvTranspose
+layers have no BatchNorm, so their groups are never pruned; best 11 %): those cells are recorded as
+"unreachable". At 10 % every other pruning method ends near the width floor (most widths 8).
+
+Latency numbers need a quiet machine: with other processes on the 2 cores, 2-thread ONNX Runtime
+timings are dominated by scheduling. Training uses `--threads` (default all cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import grid as G
+import methods as M
+from measure import measure_model
+from polyprune.errors import TargetError
+from polyprune.io import InputSpec, load_model, read_json, save_model, write_json
+from polyprune.models import build_model
+from polyprune.profile import count_macs, system_info
+from polyprune.progress import log
+from polyprune.train import fit, make_datasets, make_loss, resolve_precision, seed_everything, validation_dice
+from report import write_report
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+KVASIR, CLINICDB = "Kvasir-SEG", "CVC-ClinicDB"
+SPLITS = {KVASIR: "kvasir_pranet_test.txt", CLINICDB: "clinicdb_pranet_test.txt"}
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def check_data(root: Path) -> dict[str, Path]:
+    """Dataset folders and test split files; a one-line error (exit 2) if any is missing."""
+    paths = {
+        KVASIR: root / KVASIR,
+        CLINICDB: root / CLINICDB,
+        "kvasir_test": root / "splits" / SPLITS[KVASIR],
+        "clinicdb_test": root / "splits" / SPLITS[CLINICDB],
+    }
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        fail(f"benchmark data not found: {', '.join(missing)} (expected the shared data under {root})")
+    return paths
+
+
+def resolve_path(p: str, data: dict[str, Path]) -> Path:
+    """A path from a parent's training config: as given, relative to the repo, or by name in the data root."""
+    path = Path(p)
+    for cand in (path, REPO / path, data[KVASIR].parent / path.name, data["kvasir_test"].parent / path.name):
+        if cand.exists():
+            return cand.resolve()
+    fail(f"the parent's training config names {p}, which is not found here")
+    raise AssertionError
+
+
+def first_ids(src: Path, n: int, dst: Path) -> Path:
+    ids = [line.strip() for line in src.read_text().splitlines() if line.strip()][:n]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("\n".join(ids) + "\n")
+    return dst
+
+
+# ---------------------------------------------------------------------------------------- parent
+
+
+def seconds_per_step(model: torch.nn.Module, batch: int, size: int, precision: str) -> float:
+    """Median wall time of one training step (forward, backward, AdamW) at batch x size, x1.15 for data."""
+    from polyprune.train import autocast, bce_dice_loss
+
+    m = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.0, weight_decay=0.0)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, 1, size, size) > 0.5).float()
+    prec = resolve_precision(precision, torch.device("cpu"))
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        with autocast(torch.device("cpu"), prec):
+            out = m(x)
+        loss = bce_dice_loss(out.float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return 1.15 * statistics.median(times[1:])
+
+
+def train_parent(grid: G.Grid, data: dict[str, Path], work: Path, args: argparse.Namespace) -> Path:
+    """Train (or resume, or reuse) the grid's parent under work/parent_<hash>/; returns its model file."""
+    from polyprune.data import find_samples, read_ids
+    from polyprune.train import TrainConfig, train
+
+    ps = grid.parent
+    dirs = [data[KVASIR]] + ([data[CLINICDB]] if args.with_clinicdb else [])
+    key = G.short_hash({"parent": asdict(ps), "data": [d.name for d in dirs], "precision": args.precision})
+    out = work / f"parent_{key}"
+    if (out / "done.json").is_file():
+        return out / "model.safetensors"
+    ids_file: list[str] = []
+    if ps.train_limit:
+        test = set(read_ids(data["kvasir_test"])) | set(read_ids(data["clinicdb_test"]))
+        pool: list[str] = []
+        for d in dirs:
+            pool += sorted(s.id for s in find_samples(d) if s.id not in test)[: ps.train_limit]
+        path = work / "ids" / f"train_pool_{key}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(pool) + "\n")
+        ids_file = [str(path)]
+    log(f"training the parent (width {ps.width}, {ps.size} px, {ps.epochs} epochs) into {out}")
+    summary = train(
+        TrainConfig(
+            data=[str(d) for d in dirs],
+            out=str(out),
+            size=ps.size,
+            width=ps.width,
+            epochs=ps.epochs,
+            batch=ps.batch,
+            lr=ps.lr,
+            seed=ps.seed,
+            val_fraction=0.1,
+            ids_file=ids_file,
+            exclude_ids=[str(data["kvasir_test"]), str(data["clinicdb_test"])],
+            threads=args.threads,
+            device="cpu",
+            precision=args.precision or "auto",
+            resume=True,
+            progress=not args.quiet,
+        )
+    )
+    write_json(out / "done.json", summary)
+    return out / "model.safetensors"
+
+
+# --------------------------------------------------------------------------------------- context
+
+
+class Bench:
+    """Everything the cells share: the grid, the parent, the datasets, the test sets, the work dir."""
+
+    def __init__(
+        self, grid: G.Grid, parent_path: Path, data: dict[str, Path], work: Path, args: argparse.Namespace
+    ):
+        self.grid, self.work, self.progress = grid, work, not args.quiet
+        self.parent_path = parent_path.resolve()
+        self.parent_id = _file_sha(self.parent_path)[:12]
+        self.parent = load_model(self.parent_path)
+        meta = self.parent.polyprune_meta
+        self.spec: InputSpec = meta.input
+        tm = self.train_meta = meta.train
+        self.data_dirs = [resolve_path(p, data) for p in tm.get("data") or [str(data[KVASIR])]]
+        ids_file = [str(resolve_path(p, data)) for p in tm.get("ids_file") or []]
+        exclude = [str(resolve_path(p, data)) for p in tm.get("exclude_ids") or []]
+        if not exclude:
+            log(
+                "warning: the parent's training config lists no excluded test ids; excluding the PraNet splits"
+            )
+            exclude = [str(data["kvasir_test"]), str(data["clinicdb_test"])]
+        self.split = {
+            "data": [str(d) for d in self.data_dirs],
+            "ids_file": ids_file,
+            "exclude_ids": exclude,
+            "val_fraction": tm.get("val_fraction", 0.1),
+            "seed": tm.get("seed", 0),
+        }
+        common = {
+            "ids_file": ids_file or None,
+            "exclude_ids_file": exclude,
+            "val_fraction": self.split["val_fraction"],
+            "seed": self.split["seed"],
+        }
+        self.train_ds, self.val_ds = make_datasets(self.data_dirs, self.spec, augment=True, **common)
+        self.plain_ds, _ = make_datasets(self.data_dirs, self.spec, augment=False, **common)
+        self.loss_name = tm.get("loss", "bce-dice")
+        self.loss_fn = make_loss(self.loss_name)
+        self.precision = resolve_precision(args.precision or tm.get("precision", "auto"), torch.device("cpu"))
+        self.parent_batch = int(tm.get("batch", 8))
+        self.parent_lr = float(tm.get("lr", 1e-3))
+        self.weight_decay = float(tm.get("weight_decay", 1e-4))
+        self.parent_steps = parent_steps(tm, len(self.train_ds), grid.parent.epochs)
+        self.parent_macs = count_macs(self.parent, self.spec.size)
+        self.parent_small_macs = M.small_macs(self.parent)
+        self.tests = {
+            "kvasir": (data[KVASIR], data["kvasir_test"]),
+            "clinicdb": (data[CLINICDB], data["clinicdb_test"]),
+        }
+        if grid.test_limit:
+            self.tests = {
+                name: (
+                    folder,
+                    first_ids(ids, grid.test_limit, work / "ids" / f"{name}_first{grid.test_limit}.txt"),
+                )
+                for name, (folder, ids) in self.tests.items()
+            }
+
+    def calibration(self, seed: int) -> DataLoader:
+        """n_images unaugmented training images, a seeded subset (as `polyprune prune` draws them)."""
+        perm = torch.randperm(len(self.plain_ds), generator=torch.Generator().manual_seed(seed)).tolist()
+        return DataLoader(Subset(self.plain_ds, perm[: self.grid.n_images]), batch_size=self.grid.batch)
+
+    def set_aug_seed(self, seed: int) -> None:
+        for part in getattr(self.train_ds, "datasets", [self.train_ds]):
+            part.seed = int(seed)
+
+    def finetune(
+        self, model: torch.nn.Module, iters: int, seed: int, desc: str, **kw: Any
+    ) -> list[dict[str, Any]]:
+        self.set_aug_seed(seed)
+        return fit(
+            model,
+            self.train_ds,
+            self.val_ds,
+            iters=iters,
+            batch=self.grid.batch,
+            lr=kw.pop("lr", self.grid.finetune_lr),
+            weight_decay=self.weight_decay,
+            loss=self.loss_name,
+            device="cpu",
+            precision=self.precision,
+            seed=seed,
+            progress=self.progress,
+            desc=desc,
+            **kw,
+        )
+
+    def val_dice(self, model: torch.nn.Module) -> float:
+        return validation_dice(model, self.val_ds, batch=self.grid.batch, device="cpu", precision="fp32")
+
+    def measure(self, path: Path) -> dict[str, Any]:
+        return measure_model(path, grid=self.grid, val_ds=self.val_ds, tests=self.tests)
+
+    def save(self, path: Path, model: torch.nn.Module, **meta: Any) -> None:
+        parent = {"path": str(self.parent_path), "id": self.parent_id, "macs": self.parent_macs}
+        save_model(path, model, input_spec=self.spec, parent=parent, **meta)
+
+
+def parent_steps(train_meta: dict[str, Any], n_train: int, epochs: int) -> int:
+    """Optimizer steps of the parent's training: epochs x ceil(n_train / batch), from its config."""
+    n = int(train_meta.get("n_train", n_train))
+    return int(train_meta.get("epochs", epochs)) * math.ceil(n / int(train_meta.get("batch", 8)))
+
+
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- cells
+
+
+def run_parent_record(b: Bench) -> dict[str, Any]:
+    """The parent's own record (method "parent", target 1.0), cached like a cell."""
+    key = G.short_hash(
+        {
+            "parent": b.parent_id,
+            "eval": [
+                b.grid.latency_sizes,
+                b.grid.latency_runs,
+                b.grid.latency_warmup,
+                b.grid.latency_threads,
+                b.grid.test_limit,
+                b.grid.batch,
+            ],
+        }
+    )
+    folder = b.work / "cells" / f"parent_{b.parent_id}_{key}"
+    if G.is_done(folder):
+        return read_json(folder / "done.json")
+    log("measuring the parent (val, test sets, latency)")
+    rec = {"method": "parent", "target": 1.0, "seed": None, "status": "ok", "path": str(b.parent_path)}
+    rec.update(b.measure(b.parent_path))
+    write_json(folder / "done.json", rec)
+    return rec
+
+
+def train_pruned(b: Bench, cell: G.Cell, folder: Path) -> dict[str, Any]:
+    """Prune rounds + fine-tuning; writes model.safetensors and train.json. TargetError if out of reach."""
+    g, method = b.grid, G.METHODS[cell.method]
+    if method.engine == "polyprune":  # out of reach? find out now, not after two rounds of fine-tuning
+        M.check_reachable(b.parent, method, cell.target)
+    seed_everything(cell.seed)
+    model = M.fresh_copy(b.parent)
+    calibration = b.calibration(cell.seed)
+    rounds = []
+    t_start = time.perf_counter()
+    for k, (frac, iters) in enumerate(
+        zip(
+            G.macs_schedule(cell.target, g.prune_steps),
+            G.split_iters(g.finetune_iters, g.prune_steps),
+            strict=True,
+        )
+    ):
+        t0 = time.perf_counter()
+        want = frac * b.parent_small_macs / M.small_macs(model)  # of the current model
+        if method.engine == "polyprune":
+            info = M.prune_polyprune(
+                model,
+                method,
+                {"macs": min(1.0, want)},
+                calibration,
+                b.loss_fn,
+                g.n_images,
+                cell.seed * 1000 + k,
+            )
+        else:
+            info = M.prune_torch_pruning(
+                model, method, want, calibration, b.loss_fn, g.n_images, g.tp_iterative_steps
+            )
+        t_prune = time.perf_counter() - t0
+        dice_pruned = b.val_dice(model)
+        history = (
+            b.finetune(
+                model,
+                iters,
+                cell.seed * 1000 + k,
+                f"{cell.method} t{cell.target:.0%} s{cell.seed} round {k + 1}/{g.prune_steps}",
+            )
+            if iters
+            else []
+        )
+        rounds.append(
+            {
+                "round": k + 1,
+                "macs_target": frac,
+                "macs_fraction": M.small_macs(model) / b.parent_small_macs,
+                **info,
+                "prune_seconds": round(t_prune, 1),
+                "val_dice_pruned": dice_pruned,
+                "val_dice_finetuned": history[-1]["val_dice"] if history else None,
+                "finetune_iters": iters,
+                "finetune_seconds": round(sum(r["seconds"] for r in history), 1),
+            }
+        )
+        tuned = rounds[-1]["val_dice_finetuned"]
+        log(
+            f"  round {k + 1}: {rounds[-1]['macs_fraction']:.1%} MACs, val Dice {dice_pruned:.4f} pruned"
+            + (f" -> {tuned:.4f} fine-tuned" if tuned is not None else "")
+        )
+    train = {
+        "rounds": rounds,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "finetune_lr": g.finetune_lr,
+        "precision": b.precision,
+    }
+    b.save(
+        folder / "model.safetensors", model, train=train, pruning={"method": asdict(method), "rounds": rounds}
+    )
+    return train
+
+
+def train_scratch(b: Bench, cell: G.Cell, folder: Path) -> dict[str, Any]:
+    """Uniform-width UNet at the target MACs, trained from scratch for parent steps + finetune_iters."""
+    cfg, frac = M.uniform_config(b.parent, cell.target)
+    seed_everything(cell.seed)
+    name = cfg.pop("name")
+    model = build_model(name, **cfg)
+    iters = b.parent_steps + b.grid.finetune_iters
+    log(
+        f"  scratch UNet: {frac:.1%} of the parent's MACs, {iters} steps (parent {b.parent_steps} + fine-tuning {b.grid.finetune_iters})"
+    )
+    t0 = time.perf_counter()
+    b.set_aug_seed(cell.seed)
+    history = fit(
+        model,
+        b.train_ds,
+        b.val_ds,
+        iters=iters,
+        batch=b.parent_batch,
+        lr=b.parent_lr,
+        weight_decay=b.weight_decay,
+        loss=b.loss_name,
+        device="cpu",
+        precision=b.precision,
+        seed=cell.seed,
+        checkpoint_dir=folder / "checkpoint",
+        resume=True,
+        progress=b.progress,
+        desc=f"scratch t{cell.target:.0%} s{cell.seed}",
+    )
+    train = {
+        "macs_fraction": frac,
+        "iters": iters,
+        "lr": b.parent_lr,
+        "batch": b.parent_batch,
+        "precision": b.precision,
+        "history": history,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    b.save(folder / "model.safetensors", model, train=train)
+    return train
+
+
+def run_cell(b: Bench, cell: G.Cell) -> dict[str, Any]:
+    folder = G.cell_dir(b.work, cell)
+    method = G.METHODS[cell.method]
+    rec: dict[str, Any] = {
+        "cell": cell.name,
+        "method": cell.method,
+        "engine": method.engine,
+        "target": cell.target,
+        "seed": cell.seed,
+    }
+    rec["config"] = G.cell_config(b.grid, cell.method, cell.target, cell.seed, b.parent_id)
+    if (folder / "train.json").is_file() and (folder / "model.safetensors").is_file():
+        train = read_json(folder / "train.json")
+    else:
+        try:
+            train = (
+                train_scratch(b, cell, folder)
+                if method.engine == "scratch"
+                else train_pruned(b, cell, folder)
+            )
+        except TargetError as exc:  # deterministic: the cell is done, as unreachable
+            rec.update(status="unreachable", error=str(exc))
+            write_json(folder / "done.json", rec)
+            return rec
+        write_json(folder / "train.json", train)
+    rec.update(status="ok", train={k: v for k, v in train.items() if k != "history"})
+    rec.update(b.measure(folder / "model.safetensors"))
+    write_json(folder / "done.json", rec)
+    return rec
+
+
+def run_oneshot(b: Bench, compute: bool = True) -> dict[str, Any]:
+    """Val Dice vs fraction of filters removed, per criterion, without fine-tuning (cached per criterion)."""
+    g = b.grid
+    curves: dict[str, Any] = {}
+    d0 = None
+    for name in g.oneshot_methods:
+        method = G.METHODS[name]
+        key = G.short_hash(
+            {
+                "parent": b.parent_id,
+                "method": asdict(method),
+                "ratios": g.oneshot_ratios,
+                "n": g.n_images,
+                "batch": g.batch,
+            }
+        )
+        path = b.work / "oneshot" / f"{name}_{key}.json"
+        if path.is_file():
+            curves[name] = read_json(path)
+            continue
+        if not compute:
+            continue
+        log(f"one-shot curve: {name} ({len(g.oneshot_ratios)} ratios)")
+        filters0 = M.prunable_filters(b.parent)
+        points = []
+        for r in g.oneshot_ratios:
+            model = M.fresh_copy(b.parent)
+            if r > 0:
+                calibration = b.calibration(0)
+                if method.engine == "polyprune":
+                    M.prune_polyprune(model, method, {"ratio": r}, calibration, b.loss_fn, g.n_images, 0)
+                else:
+                    M.oneshot_torch_pruning(model, method, r, calibration, b.loss_fn, g.n_images)
+            elif d0 is not None:
+                points.append({**d0})
+                continue
+            point = {
+                "ratio": r,
+                "filters_removed": 1 - M.prunable_filters(model) / filters0,
+                "macs_fraction": M.small_macs(model) / b.parent_small_macs,
+                "val_dice": b.val_dice(model),
+            }
+            if r == 0:
+                d0 = point
+            points.append(point)
+        curves[name] = {"method": name, "points": points}
+        write_json(path, curves[name])
+    return curves
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="reduced grid (25 %% target, 8 methods, seed 0)")
+    size.add_argument("--smoke", action="store_true", help="tiny end-to-end check (minutes)")
+    p.add_argument(
+        "--parent",
+        default=os.environ.get("BENCH_PARENT") or None,
+        help="reuse this trained parent model (.safetensors); default: $BENCH_PARENT, else train one",
+    )
+    p.add_argument(
+        "--with-clinicdb", action="store_true", help="train the parent on Kvasir + ClinicDB train splits"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds, e.g. --seeds 0 1")
+    p.add_argument("--methods", nargs="+", help=f"only these methods: {' '.join(G.METHODS)}")
+    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"), help="default ../shared/data")
+    p.add_argument("--work", default=str(HERE / "work"), help="cells and parent (default benchmarks/work)")
+    p.add_argument(
+        "--results", help="output folder (default benchmarks/results; smoke: benchmarks/work/smoke_results)"
+    )
+    p.add_argument(
+        "--threads", type=int, help="torch threads for training and evaluation (default: all cores)"
+    )
+    p.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), help="training precision (default: the parent's)"
+    )
+    p.add_argument("--no-oneshot", action="store_true", help="skip the one-shot curves")
+    p.add_argument("--dry-run", action="store_true", help="print the grid and the time estimate, then stop")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the results from finished cells")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    try:
+        grid = G.make_grid(name, seeds=args.seeds, methods=args.methods)
+    except ValueError as exc:
+        fail(str(exc))
+    data = check_data(Path(args.data_root))
+    work = Path(args.work)
+    results = (
+        Path(args.results) if args.results else (work / "smoke_results" if args.smoke else HERE / "results")
+    )
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    t_start = time.perf_counter()
+    if args.parent and not Path(args.parent).is_file():
+        fail(f"--parent {args.parent}: file not found")
+
+    sps = 0.0
+    if not args.report_only:
+        sps = print_budget(grid, args)
+    if args.dry_run:
+        for c in G.make_cells(grid, "?"):
+            log(f"  {c.label}")
+        return 0
+    parent_path = Path(args.parent) if args.parent else train_parent(grid, data, work, args)
+    b = Bench(grid, parent_path, data, work, args)
+    cells = G.make_cells(grid, b.parent_id)
+    log(
+        f"parent {b.parent_path} ({b.parent_id}): {b.parent_macs / 1e9:.2f} GMACs at {b.spec.size} px; "
+        f"{len(b.train_ds)} training / {len(b.val_ds)} validation images; "
+        f"{len(G.pending(work, cells))} of {len(cells)} cells to do"
+    )
+    failures: list[str] = []
+    if args.report_only:
+        found = sorted((work / "cells").glob(f"parent_{b.parent_id}_*/done.json"))
+        parent_rec = read_json(found[-1]) if found else None
+        curves = run_oneshot(b, compute=False)
+    else:
+        parent_rec = run_parent_record(b)
+        curves = {} if args.no_oneshot else run_oneshot(b)
+        failures = run_cells(b, cells, sps)
+    records = G.read_done(work, cells)
+    write_report(
+        results,
+        grid=grid,
+        parent=parent_rec,
+        parent_info={
+            "path": str(b.parent_path),
+            "id": b.parent_id,
+            "train": b.train_meta,
+            "split": b.split,
+            "input": b.spec.to_dict(),
+            "train_steps": b.parent_steps,
+            "precision": b.precision,
+            "params": sum(p.numel() for p in b.parent.parameters()),
+            "macs": b.parent_macs,
+            "width": b.parent.config().get("base_width"),
+        },
+        records=records,
+        oneshot=curves,
+        machine=system_info(),
+    )
+    log(
+        f"results in {results} ({len(records)} of {len(cells)} cells; {(time.perf_counter() - t_start) / 60:.1f} min)"
+    )
+    if failures:
+        log(f"{len(failures)} cell(s) failed:\n  " + "\n  ".join(failures))
+        return 1
+    return 0
+
+
+def print_budget(grid: G.Grid, args: argparse.Namespace) -> float:
+    """Print the estimated wall time from one measured training step; returns seconds per step."""
+    if args.parent:
+        probe = load_model(args.parent)
+        tm = probe.polyprune_meta.train
+        size, precision = probe.polyprune_meta.input.size, args.precision or tm.get("precision", "auto")
+        steps, parent_min = parent_steps(tm, 810, grid.parent.epochs), 0.0
+    else:
+        probe = build_model("unet", base_width=grid.parent.width)
+        size, precision = grid.parent.size, args.precision or "auto"
+        n = (
+            round(0.9 * grid.parent.train_limit)
+            if grid.parent.train_limit
+            else 810 + (495 if args.with_clinicdb else 0)
+        )
+        steps = parent_steps({"n_train": n, "batch": grid.parent.batch}, n, grid.parent.epochs)
+        parent_min = -1.0
+    sps = seconds_per_step(probe, grid.batch, size, precision)
+    parent_min = steps * sps / 60 if parent_min < 0 else 0.0
+    cells = G.make_cells(grid, "?")
+    est = G.estimate_minutes(grid, cells, sps, steps)
+    log(
+        f"benchmark grid '{grid.name}': {len(cells)} cells ({len(grid.methods)} methods x {len(grid.targets)} "
+        f"targets x {len(grid.seeds)} seeds), {len(grid.oneshot_methods)} one-shot curves x "
+        f"{len(grid.oneshot_ratios)} ratios. Measured {sps:.2f} s per training step (batch {grid.batch}, "
+        f"{size} px, {torch.get_num_threads()} threads): about {est['cells'] / max(1, len(cells)):.1f} min per "
+        f"cell, {est['cells']:.0f} min of cells + {est['oneshot']:.0f} min of one-shot curves"
+        + (f" + {parent_min:.0f} min of parent training" if parent_min else "")
+        + f" = ~{(est['total'] + parent_min) / 60:.1f} h if nothing is done yet"
+    )
+    return sps
+
+
+def run_cells(b: Bench, cells: list[G.Cell], sps: float) -> list[str]:
+    """Every pending cell, with a progress line per cell; returns the failures (those stay pending)."""
+    grid, work = b.grid, b.work
+    todo = G.pending(work, cells)
+    est = {c.name: G.estimate_minutes(grid, [c], sps, b.parent_steps)["cells"] for c in todo}
+    failures: list[str] = []
+    spent = estimated = 0.0
+    for i, cell in enumerate(todo, 1):
+        folder = G.cell_dir(work, cell)
+        log(f"cell {i}/{len(todo)}: {cell.label} -> {folder}")
+        t0 = time.perf_counter()
+        try:
+            rec = run_cell(b, cell)
+        except Exception as exc:  # keep going; the cell stays pending and is retried by the next run
+            failures.append(f"{cell.name}: {exc}")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "error.txt").write_text(traceback.format_exc())
+            log(f"cell {cell.name} FAILED: {exc} (traceback in error.txt; rerun to retry)")
+            continue
+        minutes = (time.perf_counter() - t0) / 60
+        spent, estimated = spent + minutes, estimated + est[cell.name]
+        left = sum(est[c.name] for c in todo[i:]) * spent / max(1e-9, estimated)
+        size = str(grid.latency_sizes[-1])
+        summary = (
+            f"val Dice {rec['val_dice']:.4f}, Kvasir Dice {rec['test']['kvasir']['dice']:.4f}, "
+            f"{rec['macs'] / b.parent_macs:.1%} MACs, ORT {rec['latency'][size]['median_ms']:.1f} ms @{size}"
+            if rec["status"] == "ok"
+            else f"{rec['status']}: {rec.get('error')}"
+        )
+        log(f"cell {i}/{len(todo)} done in {minutes:.1f} min: {summary}; about {left:.0f} min left")
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(main())

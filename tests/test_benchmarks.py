@@ -1,0 +1,103 @@
+"""Pure logic of the benchmark harness (benchmarks/): cell keys, resume bookkeeping, schedules, aggregation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import grid as G
+
+
+def test_cells_cover_the_grid_in_order_with_distinct_folders():
+    g = G.GRIDS["full"]
+    cells = G.make_cells(g, "abc")
+    assert len(cells) == len(g.methods) * len(g.targets) * len(g.seeds)
+    assert len({c.name for c in cells}) == len(cells)
+    assert (cells[0].method, cells[0].target, cells[0].seed) == (g.methods[0], g.targets[0], g.seeds[0])
+
+
+def test_cell_key_changes_with_budget_and_parent_not_with_unrelated_grid_fields():
+    g = G.GRIDS["quick"]
+    base = G.make_cells(g, "p1")[0]
+    assert G.make_cells(g, "p2")[0].key != base.key
+    assert G.make_cells(replace(g, finetune_iters=g.finetune_iters + 1), "p1")[0].key != base.key
+    # the list of methods / one-shot ratios does not change what one cell computes
+    assert G.make_cells(replace(g, oneshot_ratios=(0.0, 0.5)), "p1")[0].key == base.key
+
+
+def test_pending_skips_cells_with_done_json_only(tmp_path):
+    cells = G.make_cells(G.GRIDS["smoke"], "p")
+    assert G.pending(tmp_path, cells) == cells
+    done = G.cell_dir(tmp_path, cells[0])
+    done.mkdir(parents=True)
+    (done / "model.safetensors").write_bytes(b"")  # a model without its record is not done
+    assert G.pending(tmp_path, cells) == cells
+    (done / "done.json").write_text(json.dumps({"method": cells[0].method, "status": "ok"}))
+    assert G.pending(tmp_path, cells) == cells[1:]
+    assert [r["method"] for r in G.read_done(tmp_path, cells)] == [cells[0].method]
+
+
+def test_schedules():
+    fr = G.macs_schedule(0.25, 2)
+    assert fr[-1] == pytest.approx(0.25) and fr[0] == pytest.approx(0.5)
+    assert G.split_iters(10, 3) == [4, 3, 3] and sum(G.split_iters(300, 3)) == 300
+
+
+def test_make_grid_overrides_and_rejects_unknown_methods():
+    g = G.make_grid("quick", seeds=[0, 1], methods=["l1", "scratch"])
+    assert g.seeds == (0, 1) and g.methods == ("l1", "scratch") and g.oneshot_methods == ("l1",)
+    with pytest.raises(ValueError):
+        G.make_grid("quick", methods=["nope"])
+
+
+def test_aggregate_and_findings_on_synthetic_records():
+    import report
+
+    g = replace(G.GRIDS["quick"], methods=("tgn-abs-loss", "l1", "scratch"), seeds=(0, 1))
+
+    def rec(method, seed, dice, ms):
+        return {
+            "method": method,
+            "target": 0.25,
+            "seed": seed,
+            "status": "ok",
+            "params": 1e5,
+            "macs": 25.0,
+            "val_dice": dice,
+            "test": {
+                "kvasir": {"dice": dice, "mean_dice": dice},
+                "clinicdb": {"dice": dice, "mean_dice": dice},
+            },
+            "latency": {"256": {"median_ms": ms}, "352": {"median_ms": 2 * ms}},
+        }
+
+    parent = rec("parent", None, 0.80, 40.0)
+    parent["macs"] = 100.0
+    records = [rec("tgn-abs-loss", 0, 0.78, 20), rec("tgn-abs-loss", 1, 0.80, 20), rec("l1", 0, 0.81, 20)]
+    records.append({"method": "scratch", "target": 0.25, "seed": 0, "status": "unreachable", "error": "x"})
+    rows = report.aggregate(records, parent, g)
+    tgn = next(r for r in rows if r["method"] == "tgn-abs-loss")
+    assert tgn["mean"]["kvasir_dice"] == pytest.approx(0.79) and tgn["sd"]["kvasir_dice"] > 0
+    assert tgn["mean"]["speedup_352"] == pytest.approx(2.0) and tgn["mean"][
+        "macs_reduction"
+    ] == pytest.approx(4.0)
+    assert next(r for r in rows if r["method"] == "scratch")["status"] == "unreachable"
+    prow = {
+        "method": "parent",
+        "target": 1.0,
+        "seeds": [],
+        "status": "ok",
+        "mean": report.metrics(parent, parent, (256, 352)),
+        "sd": {},
+    }
+    text = "\n".join(report.findings(rows, prow, {}, g))
+    assert "taylor-gradnorm loses at 25% MACs on Kvasir" in text and "l1 (0.810" in text
+    assert "Headline: the fastest pruned model within 1 Dice point" in text
+    md = report.table(rows, prow, g, 192)
+    assert md.count("\n") == 2 + len(rows)  # header, rule, parent + one line per row
