@@ -493,30 +493,105 @@ def predict(
 # (report)
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder: data, parent/, pruned/, eval/, report/.")] = Path(
+        "runs/demo"
+    ),
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A small, fast run (under 2 minutes; used by the tests).")
+    ] = False,
+    seed: Seed = 0,
+    threads: Threads = None,
+    quiet: Quiet = False,
+    json_out: JsonOut = False,
+) -> None:
+    """The whole method on synthetic polyps: train, prune to 25% MACs, evaluate, export, benchmark, report."""
+    from polyprune.demo import run_demo
+
+    result = run_demo(
+        out, quick=quick, seed=seed, threads=threads, progress=not (quiet or json_out), echo=not json_out
+    )
+    if json_out:
+        _echo_json(result)
+
+
+@app.command()
+def report(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run folders (searched recursively) or benchmark JSON files.", show_default=False
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: report.md, report.html, PNG plots.")],
+    title: Annotated[str | None, typer.Option(help="Report title.")] = None,
+) -> None:
+    """Markdown + HTML report with tables and plots from train / prune / evaluate / benchmark JSON files."""
+    from polyprune.report import write_report
+
+    path = write_report(runs, out, title=title)
+    n_png = path.read_text().count("](")  # the images the report shows
+    _summary(f"wrote {path} and {path.with_suffix('.html')} ({n_png} PNG plots)")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (e.g. --skip-bad's list of skipped files) as one `warning: ...` line each."""
+    typer.echo(f"warning: {_one_line(str(message))}", err=True)
+
+
 def main() -> None:
     """Console-script entry: user errors become one line and exit code 2."""
+    import warnings
+
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        _main()
+    finally:
+        warnings.showwarning = previous
+
+
+def _main() -> None:
     try:
         app(standalone_mode=False)
     except PolypruneError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:  # click's own usage errors (typer 0.29 vendors click as typer._click)
-        try:
-            import click
-        except ImportError:
-            from typer import _click as click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        usage, exit_, abort = _click_exception_types()
+        if isinstance(exc, usage):
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Exit):
+        if isinstance(exc, exit_):
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, abort):
             sys.exit(1)
         raise
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, Exit, Abort) of click and of typer's vendored copy, whichever are installed
+    (typer 0.29 keeps Exit/Abort in typer.exceptions, not in typer._click.exceptions)."""
+    import importlib
+
+    found: tuple[list[type], list[type], list[type]] = ([], [], [])
+    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        for kinds, attr in zip(found, ("ClickException", "Exit", "Abort"), strict=True):
+            cls = getattr(mod, attr, None)
+            if isinstance(cls, type):
+                kinds.append(cls)
+    return tuple(found[0]), tuple(found[1]), tuple(found[2])
 
 
 if __name__ == "__main__":

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import random
 import threading
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -239,17 +241,21 @@ def _tiff_samples(data: np.ndarray, decoded: np.ndarray | None) -> np.ndarray | 
 
 
 _quiet_lock = threading.Lock()
-_quiet_state = {"depth": 0, "level": 0}
+_quiet_state = {"depth": 0, "level": 0, "tifffile": 0}
 
 
 @contextlib.contextmanager
 def _quiet_opencv() -> Iterator[None]:
-    """Silence OpenCV's warnings (libtiff tags, incomplete PNGs) while decoding: a bad file is reported
-    once, as a DataError. Counted, so concurrent decoding threads restore the user's level exactly."""
+    """Silence OpenCV's log (libtiff tags, "imdecode_: can't read data" for a truncated BMP/TIFF) and
+    tifffile's logger while decoding: a bad file is reported once, as a DataError. Counted, so
+    concurrent decoding threads restore the user's levels exactly."""
+    tiff_log = logging.getLogger("tifffile")
     with _quiet_lock:
         if _quiet_state["depth"] == 0:
             _quiet_state["level"] = cv2.utils.logging.getLogLevel()
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+            _quiet_state["tifffile"] = tiff_log.level
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+            tiff_log.setLevel(logging.CRITICAL + 1)
         _quiet_state["depth"] += 1
     try:
         yield
@@ -258,19 +264,51 @@ def _quiet_opencv() -> Iterator[None]:
             _quiet_state["depth"] -= 1
             if _quiet_state["depth"] == 0:
                 cv2.utils.logging.setLogLevel(_quiet_state["level"])
+                tiff_log.setLevel(_quiet_state["tifffile"])
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_problem(data: np.ndarray) -> str | None:
+    """Walk a PNG's chunks (length, CRC, IEND) before libpng sees them: libpng prints its own
+    'libpng error: ...' lines to stderr for a truncated or corrupt file before OpenCV gives up, and
+    an error must stay one line. None for a sound PNG or for anything that is not a PNG."""
+    if data.size < 8 or data[:8].tobytes() != _PNG_SIGNATURE:
+        return None
+    buf = memoryview(data)
+    pos = 8
+    while pos + 12 <= len(buf):
+        length = int.from_bytes(buf[pos : pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(buf):
+            return "truncated PNG"
+        kind = bytes(buf[pos + 4 : pos + 8])
+        critical = kind[:1].isupper()  # libpng only warns about ancillary chunks (tEXt, iCCP, ...)
+        if critical and zlib.crc32(buf[pos + 4 : pos + 8 + length]) != int.from_bytes(
+            buf[end - 4 : end], "big"
+        ):
+            return f"corrupt PNG: CRC error in chunk {kind.decode('latin-1')!r}"
+        if kind == b"IEND":
+            return None
+        pos = end
+    return "truncated PNG"
 
 
 def _decode(path: str | Path, what: str) -> np.ndarray:
     """Decode a file with OpenCV (IMREAD_UNCHANGED, BGR order); DataError for anything unreadable."""
     path = Path(path)
     data = _read_bytes(path, what)
+    problem = _png_problem(data)
+    if problem:
+        raise DataError(f"cannot decode {what}: {path} ({problem})")
     with _quiet_opencv():
         try:
             img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
         except cv2.error:
             img = None
-    if path.suffix.lower() in (".tif", ".tiff") and (img is None or img.ndim == 2):
-        img = _tiff_samples(data, img)
+        if path.suffix.lower() in (".tif", ".tiff") and (img is None or img.ndim == 2):
+            img = _tiff_samples(data, img)
     if img is None or img.size == 0:
         raise DataError(f"cannot decode {what}: {path}")
     if img.ndim == 3 and img.shape[2] == 1:

@@ -215,6 +215,8 @@ def _torch_export(
                 **names,
             )
         return "dynamo", None
+    except OSError:  # the disk, not the exporter (no space, read-only): atomic_path reports it
+        raise
     except Exception as exc:  # any dynamo failure (unsupported op, missing onnxscript, ...): try legacy
         reason = f"dynamo exporter failed ({type(exc).__name__}: {_short(exc)}); used the legacy exporter"
     try:
@@ -226,6 +228,8 @@ def _torch_export(
             torch.onnx.export(
                 model, (x,), str(path), dynamo=False, dynamic_axes=axes if dynamic else None, **names
             )
+    except OSError:
+        raise
     except Exception as exc:
         raise ModelFileError(f"cannot export the model to ONNX: {reason}; legacy: {_short(exc)}") from exc
     return "legacy", reason

@@ -23,6 +23,7 @@ metadata, or the `polyprune.input` metadata of the .onnx file), whatever the bac
 
 from __future__ import annotations
 
+import os
 import queue
 import statistics
 import tempfile
@@ -38,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from polyprune.data import preprocess_image
-from polyprune.errors import ConfigError, DataError, ModelFileError
+from polyprune.data import _quiet_opencv, preprocess_image
+from polyprune.errors import ConfigError, DataError, ModelFileError, OutputError
 from polyprune.io import InputSpec, _short, atomic_path, atomic_write_bytes, load_model, write_json
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
@@ -402,6 +403,8 @@ def _predict_images(
 def _predict_video(
     predictor: Predictor, source: Path, out_dir: Path, *, stream: bool, progress: bool, queue_size: int
 ) -> dict[str, Any]:
+    # FFmpeg prints its own lines ("moov atom not found") for a broken file; the error below is the one
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read when FFmpeg is first opened
     cap = cv2.VideoCapture(str(source))
     if not cap.isOpened():
         raise DataError(f"cannot open video {source} (OpenCV could not decode it)")
@@ -442,20 +445,22 @@ def _predict_video(
                     writer.write(bgr)
 
                 try:
-                    run = _run_pipeline(
-                        predictor,
-                        frames(),
-                        sink,
-                        declared or None,
-                        stream=stream,
-                        progress=progress,
-                        queue_size=queue_size,
-                        fps=fps,
-                    )
+                    with _quiet_opencv():  # "Failed to write frame" per frame; reported once below
+                        run = _run_pipeline(
+                            predictor,
+                            frames(),
+                            sink,
+                            declared or None,
+                            stream=stream,
+                            progress=progress,
+                            queue_size=queue_size,
+                            fps=fps,
+                        )
                 finally:
                     writer.release()
                 if run.frames == 0:
                     raise DataError(f"no frames could be decoded from {source}")
+                _check_written_video(tmp, final, run.frames)
             break
         except _CodecUnavailable:
             last_error = fourcc
@@ -464,6 +469,20 @@ def _predict_video(
         raise ConfigError(f"OpenCV cannot write mp4v or MJPG video here (tried up to {last_error})")
     video = {"fps": fps, "width": w, "height": h, "frames_declared": declared, "codec": fourcc}
     return {"kind": "video", **run.summary(), "video": video, "outputs": {"video": str(final)}}
+
+
+def _check_written_video(tmp: Path, final: Path, frames: int) -> None:
+    """OpenCV's VideoWriter drops what it cannot write (a full disk) without an error, and the file
+    then lacks its index: read the count back before the file is renamed into place."""
+    cap = cv2.VideoCapture(str(tmp))
+    try:
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+    finally:
+        cap.release()
+    if count < frames:
+        raise OutputError(
+            f"cannot write {final}: only {count} of {frames} frames reached the file (disk full?)"
+        )
 
 
 class _CodecUnavailable(Exception):

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,9 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from polyprune.errors import ModelFileError, OutputError
+from polyprune.errors import DataError, ModelFileError, OutputError
 
 FORMAT_VERSION = "1"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -57,8 +59,8 @@ class InputSpec:
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
         return cls(
             size=int(d.get("size", 256)),
-            mean=tuple(d.get("mean", IMAGENET_MEAN)),
-            std=tuple(d.get("std", IMAGENET_STD)),
+            mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),
+            std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),
             threshold=float(d.get("threshold", 0.5)),
         )
 
@@ -77,11 +79,32 @@ class ModelMeta:
 
 
 def _raise_output_error(path: Path, exc: OSError) -> None:
-    if exc.errno == errno.ENOSPC:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise OutputError(f"cannot write {path}: no space left on device") from exc
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno == errno.EROFS:
+        raise OutputError(f"cannot write {path}: read-only file system") from exc
+    if exc.errno in (errno.EACCES, errno.EPERM):
         raise OutputError(f"cannot write {path}: permission denied (read-only folder?)") from exc
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):  # mkdir / mkstemp below a path that is a file
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise OutputError(f"cannot write {path}: {parent} is a file, not a folder") from exc
+                break
     raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -98,6 +121,9 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # data on disk before the rename makes it visible
+            # mkstemp makes 0600 (and some writers recreate the file): the final file gets the mode
+            # an ordinary open() would give it
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     except OSError as exc:
@@ -133,7 +159,14 @@ def _json_default(o: Any) -> Any:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file; DataError naming it when it is missing, unreadable or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(f"file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {path}: not a readable JSON file ({_short(exc)})") from exc
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -168,13 +201,15 @@ def save_model(
         "pruning": json.dumps(pruning or {}, default=_json_default),
     }
     with atomic_path(path, suffix=".safetensors.tmp") as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        _save_file(state, tmp, Path(path), meta)
     return Path(path)
 
 
 def read_metadata(path: str | Path) -> ModelMeta:
     """Read and validate the metadata of a polyprune model file without loading the weights."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"model path is a folder, not a model file: {path}")
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
@@ -183,20 +218,51 @@ def read_metadata(path: str | Path) -> ModelMeta:
         with safe_open(str(path), framework="pt") as fh:
             raw = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"{path} is not a readable .safetensors model file ({_short(exc)})") from exc
+        hint = "; polyprune never unpickles .pt/.pth files" if path.suffix.lower() in PICKLE_SUFFIXES else ""
+        raise ModelFileError(
+            f"{path} is not a readable .safetensors model file ({_short(exc)}){hint}"
+        ) from exc
     if "arch" not in raw:
         raise ModelFileError(f"{path} has no polyprune metadata (arch); was it written by polyprune?")
     try:
+        fields = {k: json.loads(raw.get(k) or "{}") for k in ("arch", "input", "parent", "train", "pruning")}
+        for k, v in fields.items():
+            if not isinstance(v, dict):
+                raise ValueError(f"{k} is a JSON {type(v).__name__}, not an object")
+        spec = InputSpec.from_dict(fields["input"])
+        if spec.size < 1 or len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
+            raise ValueError(f"input {raw.get('input')} needs size >= 1 and 3 means, 3 positive stds")
         return ModelMeta(
-            arch=json.loads(raw["arch"]),
-            input=InputSpec.from_dict(json.loads(raw.get("input", "{}"))),
-            parent=json.loads(raw.get("parent") or "{}"),
-            train=json.loads(raw.get("train") or "{}"),
-            pruning=json.loads(raw.get("pruning") or "{}"),
+            arch=fields["arch"],
+            input=spec,
+            parent=fields["parent"],
+            train=fields["train"],
+            pruning=fields["pruning"],
             version=raw.get("polyprune", "?"),
         )
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path} has corrupt polyprune metadata ({_short(exc)})") from exc
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path} is not a readable .safetensors model file ({_short(exc)})") from exc
+
+
+def _shape_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str | None:
+    """The first difference between the architecture's tensors and the file's, in words; None if none."""
+    for k, shape in expected.items():
+        if k not in found:
+            return f"{k} is missing from the file ({len(set(expected) - set(found))} tensors missing)"
+        if found[k] != shape:
+            return f"{k}: file {list(found[k])}, metadata architecture {list(shape)}"
+    extra = sorted(set(found) - set(expected))
+    return f"{extra[0]} is not in the architecture ({len(extra)} extra tensors)" if extra else None
 
 
 def load_model(path: str | Path, *, base_model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
@@ -225,21 +291,35 @@ def load_model(path: str | Path, *, base_model: nn.Module | None = None, device:
             "pass base_model=<the unpruned module> to load_model"
         )
     else:
-        try:
-            model = build_model(name, **arch)
+        try:  # on the meta device first: metadata asking for a huge model must not allocate it
+            with torch.device("meta"):
+                skeleton = build_model(name, **arch)
         except Exception as exc:
             raise ModelFileError(
                 f"{path}: metadata names an architecture that cannot be built ({_short(exc)})"
             ) from exc
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        why = _shape_mismatch(expected, _file_shapes(path))
+        if why:
+            raise ModelFileError(f"{path}: weights do not match the architecture in its metadata ({why})")
+        stride = int(getattr(skeleton, "stride", 1))
+        if meta.input.size % stride:
+            raise ModelFileError(
+                f"{path}: input size {meta.input.size} in its metadata is not a multiple of the "
+                f"model's stride {stride}"
+            )
+        model = build_model(name, **arch)
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path} is not a readable .safetensors model file ({_short(exc)})") from exc
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # torch's first line is a header: name the first real difference
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else _short(exc)
         raise ModelFileError(
-            f"{path}: weights do not match the architecture in its metadata ({_short(exc)})"
+            f"{path}: weights do not match the architecture in its metadata ({_short(Exception(detail))})"
         ) from exc
     model.polyprune_meta = meta  # type: ignore[attr-defined]
     return model.to(device).eval()
@@ -256,5 +336,19 @@ def save_tensors(
 ) -> Path:
     """Atomic safetensors write of a flat tensor dict (checkpoints, optimizer state)."""
     with atomic_path(path, suffix=".safetensors.tmp") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, Path(path), metadata)
     return Path(path)
+
+
+def _save_file(
+    tensors: dict[str, torch.Tensor], tmp: Path, path: Path, metadata: dict[str, str] | None
+) -> None:
+    """safetensors' save_file; its I/O failures (SafetensorError "... (os error 28)") become OutputError."""
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found:
+            code = int(found.group(1))
+            _raise_output_error(path, OSError(code, os.strerror(code)))
+        raise OutputError(f"cannot write {path}: {_short(exc)}") from exc

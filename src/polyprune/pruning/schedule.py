@@ -92,6 +92,10 @@ class PruneConfig:
 
 def check_config(cfg: PruneConfig) -> None:
     """ConfigError for any option that cannot work, before anything is loaded."""
+    if cfg.size is not None:
+        from polyprune.data import check_size
+
+        check_size(cfg.size)
     targets = {
         k: getattr(cfg, k)
         for k in ("target_params", "target_macs", "target_fps", "max_dice_drop")
@@ -173,7 +177,7 @@ class _Run:
         parent = load_model(cfg.model)
         self.meta = parent.polyprune_meta  # type: ignore[attr-defined]
         self.spec = self.meta.input
-        self.size = cfg.size or self.spec.size
+        self.size = cfg.size if cfg.size is not None else self.spec.size
         stride = int(getattr(parent, "stride", 1))
         if self.size < 1 or self.size % stride:
             raise ConfigError(
