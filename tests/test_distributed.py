@@ -102,7 +102,7 @@ def trained(data, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, 
     tmp = tmp_path_factory.mktemp("ddp_train")
     out = tmp / "run"
     args = ["train", "--data", str(data), "--out", str(out), "--size", str(SIZE), "--width", "4"]
-    args += ["--epochs", "1", "--batch", "4", "--val-fraction", "0.25", "--json"]
+    args += ["--epochs", "1", "--batch", "4", "--val-fraction", "0.25", "--json", "-"]
     proc, writes = _torchrun(args, tmp, module=True)
     return proc, out, writes
 

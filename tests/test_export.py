@@ -173,7 +173,7 @@ def test_cli_export(model_file, tmp_path, monkeypatch):
         torch.onnx, "export", _legacy_only(torch.onnx.export)
     )  # the CLI path, not dynamo again
     out = tmp_path / "cli.onnx"
-    res = CliRunner().invoke(app, ["export", "--model", str(model_file), "--out", str(out), "--json"])
+    res = CliRunner().invoke(app, ["export", "--model", str(model_file), "--out", str(out), "--json", "-"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["path"] == str(out) and doc["max_abs_diff"] < 1e-4 and out.is_file()

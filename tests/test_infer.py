@@ -237,5 +237,5 @@ def test_cli_predict(onnx_file, video_file, tmp_path):
     res = CliRunner().invoke(app, [*args, "--stream", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "20 frames (onnxruntime, stream)" in res.output and "would be dropped" in res.output
-    res = CliRunner().invoke(app, [*args, "--json"])
+    res = CliRunner().invoke(app, [*args, "--json", "-"])
     assert res.exit_code == 0 and json.loads(res.stdout)["frames"] == 20

@@ -166,7 +166,7 @@ def test_cli_prune(parent, synth_dir, tmp_path, monkeypatch, capsys):
 
     common = ["--model", str(parent), "--data", str(synth_dir), "--out", str(tmp_path / "run")]
     common += ["--n-images", "8", "--batch", "4", "--latency-runs", "2", "--threads", "1", "--device", "cpu"]
-    code, out, _ = _cli(monkeypatch, capsys, *common, "--target-params", "0.6", "--one-shot", "--json")
+    code, out, _ = _cli(monkeypatch, capsys, *common, "--target-params", "0.6", "--one-shot", "--json", "-")
     assert code == 0
     s = json.loads(out)
     assert s["child"]["params"] <= 0.6 * s["parent"]["params"] and Path(s["model"]).is_file()

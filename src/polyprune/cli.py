@@ -23,7 +23,10 @@ app = typer.Typer(
 )
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; summary lines only.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
+JsonOut = Annotated[
+    str | None,
+    typer.Option("--json", metavar="OUT", help="Write the result as JSON to OUT ('-': stdout, for scripts)."),
+]
 Seed = Annotated[int, typer.Option(help="Random seed: the same seed gives the same result.")]
 Threads = Annotated[int | None, typer.Option(help="torch threads (default: all cores).")]
 
@@ -37,6 +40,17 @@ def _echo_json(obj: object) -> None:
     if not is_main_process():  # under torchrun one JSON document, from rank 0
         return
     typer.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _emit_json(obj: object, target: str | None) -> None:
+    """`--json OUT`: '-' prints on stdout, anything else is a file (written atomically, rank 0)."""
+    from polyprune.io import write_json
+    from polyprune.progress import is_main_process
+
+    if target == "-":
+        _echo_json(obj)
+    elif target and is_main_process():
+        write_json(target, obj)
 
 
 # ------------------------------------------------------------------------------------------- synth
@@ -99,7 +113,7 @@ def train(
         bool, typer.Option(help="Skip unreadable pairs with a warning instead of failing.")
     ] = False,
     quiet: Quiet = False,
-    json_out: JsonOut = False,
+    json_out: JsonOut = None,
 ) -> None:
     """Train a UNet; the best epoch by validation Dice is kept as RUN/model.safetensors."""
     from polyprune.train import TrainConfig
@@ -127,12 +141,11 @@ def train(
         workers=workers,
         resume=resume,
         skip_bad=skip_bad,
-        progress=not (quiet or json_out),
+        progress=not (quiet or json_out == "-"),
     )
     summary = run_train(cfg)
-    if json_out:
-        _echo_json(summary)
-    else:
+    _emit_json(summary, json_out)
+    if json_out != "-":
         _summary(
             f"trained {summary['epochs']} epochs in {summary['minutes']:.1f} min: best val Dice "
             f"{summary['best_val_dice']:.4f} (epoch {summary['best_epoch']}) -> {summary['model']}"
@@ -300,7 +313,7 @@ def prune(
         bool, typer.Option(help="Skip unreadable pairs with a warning instead of failing.")
     ] = False,
     quiet: Quiet = False,
-    json_out: JsonOut = False,
+    json_out: JsonOut = None,
 ) -> None:
     """Prune a trained model to a target (params, MACs, fps or a Dice budget), fine-tuning between steps."""
     from polyprune.pruning.schedule import PruneConfig, prune_run
@@ -343,11 +356,11 @@ def prune(
         val_fraction=val_fraction,
         skip_bad=skip_bad,
         resume=resume,
-        progress=not (quiet or json_out),
+        progress=not (quiet or json_out == "-"),
     )
     s = prune_run(cfg)
-    if json_out:
-        _echo_json(s)
+    _emit_json(s, json_out)
+    if json_out == "-":
         return
     p, c = s["parent"], s["child"]
     _summary(
@@ -376,7 +389,7 @@ def export(
         Path | None, typer.Option(help="An image for the real-input check (default: a synthetic frame).")
     ] = None,
     tolerance: Annotated[float, typer.Option(help="Max |ONNX Runtime - torch| logit difference.")] = 1e-4,
-    json_out: JsonOut = False,
+    json_out: JsonOut = None,
 ) -> None:
     """Export to ONNX, check ONNX Runtime against torch, store the preprocessing in the file."""
     from polyprune.export import export_onnx
@@ -385,8 +398,8 @@ def export(
     report = export_onnx(
         model, out, size=size, dynamic=dynamic, opset=opset, tolerance=tolerance, image=image
     )
-    if json_out:
-        _echo_json(report.to_dict())
+    _emit_json(report.to_dict(), json_out)
+    if json_out == "-":
         return
     if report.fallback_reason:
         log(f"note: {report.fallback_reason}")
@@ -474,17 +487,16 @@ def predict(
         ),
     ] = False,
     quiet: Quiet = False,
-    json_out: JsonOut = False,
+    json_out: JsonOut = None,
 ) -> None:
     """Predict masks and overlays for an image, a folder or a video; per-stage latency and FPS."""
     from polyprune.infer import Predictor, predict_path, predict_summary
     from polyprune.progress import log
 
     with Predictor(model, backend=backend, threads=threads) as predictor:
-        result = predict_path(predictor, source, out, stream=stream, progress=not (quiet or json_out))
-    if json_out:
-        _echo_json(result)
-    else:
+        result = predict_path(predictor, source, out, stream=stream, progress=not (quiet or json_out == "-"))
+    _emit_json(result, json_out)
+    if json_out != "-":
         for line in predict_summary(result).splitlines():
             log(line)
 
@@ -504,16 +516,20 @@ def demo(
     seed: Seed = 0,
     threads: Threads = None,
     quiet: Quiet = False,
-    json_out: JsonOut = False,
+    json_out: JsonOut = None,
 ) -> None:
     """The whole method on synthetic polyps: train, prune to 25% MACs, evaluate, export, benchmark, report."""
     from polyprune.demo import run_demo
 
     result = run_demo(
-        out, quick=quick, seed=seed, threads=threads, progress=not (quiet or json_out), echo=not json_out
+        out,
+        quick=quick,
+        seed=seed,
+        threads=threads,
+        progress=not (quiet or json_out == "-"),
+        echo=json_out != "-",
     )
-    if json_out:
-        _echo_json(result)
+    _emit_json(result, json_out)
 
 
 @app.command()
