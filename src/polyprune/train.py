@@ -556,7 +556,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     def on_epoch(rows: list[dict[str, Any]]) -> None:
         write_json(out / "history.json", {"config": train_meta, "history": rows})
 
-    t0 = time.perf_counter()
     history = fit(
         model,
         train_ds,
@@ -577,7 +576,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         on_best=on_best,
         on_epoch=on_epoch,
     )
-    minutes = (time.perf_counter() - t0) / 60
+    # all epochs, those before a resume included (their times are kept in the checkpoint's history)
+    minutes = sum(r["seconds"] for r in history) / 60
     best_row = max(
         (r for r in history if not math.isnan(r["val_dice"])), key=lambda r: r["val_dice"], default=None
     )
