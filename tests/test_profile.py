@@ -170,3 +170,14 @@ def test_cli_benchmark(models, tmp_path):
     doc = json.loads(out.read_text())
     assert len(doc["rows"]) == 2 and set(doc["rows"][0]) == ROW_KEYS and doc["system"]["cores"] >= 1
     assert "speed-up" in res.output and "pruned" in res.output
+
+
+def test_model_labels_tell_run_folders_apart():
+    from pathlib import Path
+
+    from polyprune.profile import model_labels
+
+    runs = [Path("/x/parent/model.safetensors"), Path("/x/pruned/model.safetensors")]
+    assert model_labels(runs) == ["parent/model.safetensors", "pruned/model.safetensors"]
+    assert model_labels([Path("a.onnx"), Path("a.safetensors")]) == ["a.onnx", "a.safetensors"]
+    assert model_labels([Path("p.safetensors"), Path("c.onnx")]) == ["p", "c"]

@@ -241,6 +241,18 @@ def resolve_backends(backends: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def model_labels(paths: list[Path]) -> list[str]:
+    """Short distinct names: the stem, else the file name (a.safetensors vs a.onnx), else run/file.
+
+    Run folders all hold a `model.safetensors`, so the folder name is what tells them apart.
+    """
+    for make in (lambda p: p.stem, lambda p: p.name, lambda p: f"{p.parent.name}/{p.name}", str):
+        labels = [make(p) for p in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
 def benchmark_models(
     models: Sequence[str | Path],
     sizes: Sequence[int] = (352,),
@@ -281,8 +293,7 @@ def benchmark_models(
         if not p.is_file():
             raise ConfigError(f"model file not found: {p}")
 
-    stems = [p.stem for p in paths]
-    labels = [p.stem if stems.count(p.stem) == 1 else p.name for p in paths]  # a.safetensors vs a.onnx
+    labels = model_labels(paths)
     rows: list[dict[str, Any]] = []
     if not sizes:
         raise ConfigError("benchmark needs at least one size")
