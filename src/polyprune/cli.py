@@ -514,7 +514,12 @@ def demo(
         bool, typer.Option("--quick", help="A small, fast run (under 2 minutes; used by the tests).")
     ] = False,
     seed: Seed = 0,
-    threads: Threads = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="torch threads (default: 1 for training, robust on a shared CPU; 2 for the benchmark)."
+        ),
+    ] = None,
     quiet: Quiet = False,
     json_out: JsonOut = None,
 ) -> None:
