@@ -346,3 +346,17 @@ def test_no_stray_warnings_for_a_clean_folder(tmp_path):
     (root / "images" / "notes.txt").write_text("x")
     with pytest.warns(UserWarning, match="notes.txt"):
         find_samples(root)
+
+
+def test_unaugmented_view_shares_arrays_and_matches_plain_dataset(synth_dir):
+    from polyprune.data import SegmentationDataset, find_samples
+    from polyprune.io import InputSpec
+
+    samples = find_samples(synth_dir)[:4]
+    spec = InputSpec(size=32)
+    aug = SegmentationDataset(samples, spec, augment=True, seed=1)
+    plain = SegmentationDataset(samples, spec, augment=False)
+    view = aug.unaugmented()
+    assert view.images is aug.images
+    for i in range(len(samples)):
+        assert torch.equal(view[i][0], plain[i][0]) and torch.equal(view[i][1], plain[i][1])

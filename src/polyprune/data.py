@@ -23,6 +23,7 @@ resumed run sees the same batches; `set_epoch` writes to shared memory, so DataL
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -537,6 +538,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def unaugmented(self) -> SegmentationDataset:
+        """The same decoded images without augmentation (shares the arrays: nothing is decoded again)."""
+        plain = copy.copy(self)
+        plain.augment, plain._transform = False, None
+        return plain
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation of `epoch`; call before iterating the DataLoader for that epoch."""

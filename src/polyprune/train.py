@@ -165,6 +165,9 @@ class EpochConcat(ConcatDataset):
     def __len__(self) -> int:
         return self.cumulative_sizes[-1] if self.cumulative_sizes else 0
 
+    def unaugmented(self) -> EpochConcat:
+        return EpochConcat([d.unaugmented() for d in self.datasets])
+
     def set_epoch(self, epoch: int) -> None:
         for d in self.datasets:
             if hasattr(d, "set_epoch"):

@@ -193,16 +193,7 @@ class _Run:
             augment=True,
             skip_bad=cfg.skip_bad,
         )
-        plain_train, _ = make_datasets(
-            cfg.data,
-            self.spec,
-            ids_file=cfg.ids_file or None,
-            exclude_ids_file=cfg.exclude_ids or None,
-            val_fraction=cfg.val_fraction,
-            seed=cfg.seed,
-            augment=False,
-            skip_bad=cfg.skip_bad,
-        )
+        plain_train = self.train_ds.unaugmented()  # calibration images: no augmentation, no re-decoding
         if cfg.max_dice_drop is not None and len(self.val_ds) == 0:
             raise ConfigError("--max-dice-drop needs a validation split (is --val-fraction 0?)")
         # calibration: a seeded subset of the training split, without augmentation (same seed, same scores);
