@@ -78,7 +78,10 @@ def _torchrun(args: list[str], tmp: Path, *, module: bool) -> tuple[subprocess.C
         "POLYPRUNE_TEST_WRITE_LOG": str(writes),
         "POLYPRUNE_RECORD_CHECKS": str(tmp / "checks"),
     }
-    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    # own session: torch elastic signals its process group on shutdown, which would hit the pytest worker
+    proc = subprocess.run(
+        cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300, start_new_session=True
+    )
     assert proc.returncode == 0, (
         f"{' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-4000:]}"
     )
