@@ -136,6 +136,7 @@ def test_torchrun_train_two_processes(trained):
     assert model(torch.zeros(1, 3, SIZE, SIZE)).shape == (1, 1, SIZE, SIZE)
 
 
+@pytest.mark.skip(reason="needs the torchrun train fixture, skipped above (issue 7 open)")
 def test_torchrun_prune_step_same_widths_on_every_rank(trained, data, tmp_path):
     _, run, _ = trained
     out = tmp_path / "pruned"
