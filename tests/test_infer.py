@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -100,6 +102,34 @@ def test_openvino_backend(model_file, onnx_file):
     default = Predictor(onnx_file, backend="openvino", threads=1)  # bf16 where the CPU has it
     assert default.precision in ("f32", "bf16", "f16")
     assert np.abs(default.predict(IMAGE) - ref).max() < 0.05
+
+
+SIGNAL_AFTER_TWO_MODELS = """
+import gc, os, signal, sys
+from polyprune.infer import Predictor
+a = Predictor(sys.argv[1], backend="openvino", threads=1)
+b = Predictor(sys.argv[1], backend="openvino", threads=1)
+del a  # freed out of creation order: OpenVINO restores a signal stack that b's compile unmapped
+gc.collect()
+del b
+gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+"""
+
+
+def test_openvino_models_leave_the_signal_stack_usable(onnx_file):
+    """Two OpenVINO models freed out of order, then a signal with a handler (as Ctrl-C would be): the
+    process lives. Without infer.keep_signal_stack it dies with SIGSEGV (that crash first showed up
+    as a pytest worker dying several tests after the OpenVINO one)."""
+    pytest.importorskip("openvino", reason="openvino (optional extra polyprune[openvino]) is not installed")
+    r = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AFTER_TWO_MODELS, str(onnx_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and "handled" in r.stdout, (r.returncode, r.stderr[-2000:])
 
 
 def test_mask_and_overlay(model_file):

@@ -23,6 +23,8 @@ metadata, or the `polyprune.input` metadata of the .onnx file), whatever the bac
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import queue
 import statistics
@@ -45,6 +47,36 @@ from polyprune.io import InputSpec, _short, atomic_path, atomic_write_bytes, loa
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".webm", ".wmv")
+
+
+class _SignalStack(ctypes.Structure):  # glibc stack_t
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def keep_signal_stack() -> Iterator[None]:
+    """Restore the calling thread's alternate signal stack (sigaltstack) when the block ends.
+
+    OpenVINO's CPU plugin installs a signal stack of its own on the thread that compiles a model and,
+    when the model is freed, unmaps it and puts back the one it found. Freed out of creation order (two
+    models alive), that leaves the thread on unmapped memory, and the next signal with a handler (Ctrl-C,
+    a timer) kills the process with SIGSEGV. Keeping the caller's stack across the compile avoids it.
+    A no-op where libc has no sigaltstack (not Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sigaltstack = libc.sigaltstack
+    except (OSError, AttributeError):
+        yield
+        return
+    saved = _SignalStack()
+    if sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        if not saved.ss_flags & 1:  # SS_ONSTACK (inside a handler) cannot be changed; never so here
+            sigaltstack(ctypes.byref(saved), None)  # SS_DISABLE in ss_flags restores "no stack" too
 
 
 def import_openvino() -> Any:
@@ -175,10 +207,11 @@ class Predictor:
             config["INFERENCE_NUM_THREADS"] = threads
         if precision:
             config["INFERENCE_PRECISION_HINT"] = precision
-        compiled = core.compile_model(ov_model, "CPU", config)
+        with keep_signal_stack():
+            compiled = core.compile_model(ov_model, "CPU", config)
+            self._request = compiled.create_infer_request()
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # "bf16"
-        self._request = compiled.create_infer_request()
         self._batch_fixed = True
         self.input_spec = spec
         self._run = self._run_openvino
