@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/polyprune demo --out runs/demo
 
+# two workers for the bulk; the multi-process (torchrun / gloo) tests then run on their own
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q -m "not distributed"
+	$(BIN)/python -m pytest -q -m distributed
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow"

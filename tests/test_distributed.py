@@ -24,12 +24,9 @@ from polyprune.io import load_model, read_json
 from polyprune.pruning.engine import layer_widths
 from polyprune.pruning.importance import compute_importance, find_layers
 
-# One test of this file kills its pytest-xdist worker on the first run in a fresh clone (unexplained; issue 7
-# open). Run it by hand: pytest tests/test_distributed.py -p no:xdist
-pytestmark = pytest.mark.skipif(
-    "PYTEST_XDIST_WORKER" in __import__("os").environ,
-    reason="kills its xdist worker on a fresh clone (issue 7)",
-)
+# `make test` runs these in their own pytest process after the xdist run: each starts two processes of its
+# own, which beside a second xdist worker would oversubscribe two cores.
+pytestmark = pytest.mark.distributed
 
 BIN = Path(sys.executable).parent
 SIZE = 32
@@ -117,10 +114,6 @@ def trained(data, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, 
     return proc, out, writes
 
 
-@pytest.mark.skip(
-    reason="kills its pytest-xdist worker on the first run in a fresh clone (unexplained, issue 7 open); "
-    "run by hand: pytest tests/test_distributed.py -p no:xdist"
-)
 def test_torchrun_train_two_processes(trained):
     proc, out, writes = trained
     summary = json.loads(proc.stdout)  # one JSON document: rank 0 only prints
@@ -143,7 +136,6 @@ def test_torchrun_train_two_processes(trained):
     assert model(torch.zeros(1, 3, SIZE, SIZE)).shape == (1, 1, SIZE, SIZE)
 
 
-@pytest.mark.skip(reason="needs the torchrun train fixture, skipped above (issue 7 open)")
 def test_torchrun_prune_step_same_widths_on_every_rank(trained, data, tmp_path):
     _, run, _ = trained
     out = tmp_path / "pruned"
@@ -232,7 +224,7 @@ def _importance_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
 def test_importance_two_ranks_equals_one_rank(tmp_path):
     """2 ranks x N/2 images, all-reduced == 1 rank x N images; both ranks hold the same scores."""
     mp.spawn(_importance_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     single = _all_cases()  # no process group here: one process scores every image
     for name in CASES:
         s0, s1, ref = ranks[0]["scores"][name], ranks[1]["scores"][name], single[name]
