@@ -175,10 +175,21 @@ GRIDS: dict[str, Grid] = {
 }
 
 
-def make_grid(name: str, *, seeds: list[int] | None = None, methods: list[str] | None = None) -> Grid:
+def make_grid(
+    name: str,
+    *,
+    seeds: list[int] | None = None,
+    methods: list[str] | None = None,
+    targets: list[float] | None = None,
+) -> Grid:
     grid = GRIDS[name]
     if seeds:
         grid = replace(grid, seeds=tuple(seeds))
+    if targets:
+        bad = [t for t in targets if not 0 < t < 1]
+        if bad:
+            raise ValueError(f"targets are fractions of the parent's MACs in (0, 1), got {bad}")
+        grid = replace(grid, targets=tuple(sorted(set(targets), reverse=True)))
     if methods:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:

@@ -9,7 +9,9 @@ test             polyprune.evaluate.evaluate_model on Kvasir-SEG (PraNet test id
                  0.5; PraNet toolbox "mean_dice" over 256 thresholds), at GT resolution
 latency          polyprune.profile.onnxruntime_latency: static ONNX export at each size, batch 1,
                  `latency_threads` intra-op threads, `warmup` untimed runs, then median / p90 /
-                 min of `runs` timed runs of the session call on a preprocessed input
+                 min of `runs` timed runs of the session call on a preprocessed input. Measured
+                 once with the cell, then again for every model in one back-to-back pass when the
+                 grid is complete (run.final_latency_pass), so all rows share the same conditions
 """
 
 from __future__ import annotations
@@ -47,14 +49,17 @@ def measure_model(
         res = evaluate_model(path, [folder], ids_file=ids, backend="torch", progress=progress)
         (summary,) = (v for k, v in res.items() if not k.startswith("_"))
         rec["test"][name] = summary
+    rec["latency"] = measure_latency(path, grid)
+    rec["measure_seconds"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+def measure_latency(path: Path, grid: Grid) -> dict[str, Any]:
+    """ONNX Runtime latency of one model file at every size of the grid: {size: stats}."""
+    out: dict[str, Any] = {}
     for s in grid.latency_sizes:
         lat = onnxruntime_latency(
             path, s, runs=grid.latency_runs, warmup=grid.latency_warmup, threads=grid.latency_threads
         )
-        rec["latency"][str(s)] = {
-            **lat.to_dict(),
-            "threads": grid.latency_threads,
-            "warmup": grid.latency_warmup,
-        }
-    rec["measure_seconds"] = round(time.perf_counter() - t0, 1)
-    return rec
+        out[str(s)] = {**lat.to_dict(), "threads": grid.latency_threads, "warmup": grid.latency_warmup}
+    return out

@@ -553,7 +553,13 @@ def markdown(
         "thresholds. val Dice = Dice@0.5 on the parent's validation split.",
         f"- **Latency**: ONNX Runtime (CPU EP), static export at each size, batch 1, {grid.latency_threads} intra-op "
         f"threads, {grid.latency_warmup} warm-up runs then the median of {grid.latency_runs} runs. FPS = 1000 / median "
-        "ms; speed-up = parent ms / model ms. The machine is shared: latency is noisy where other jobs ran.",
+        "ms; speed-up = parent ms / model ms. "
+        + (
+            "Every model was timed again in one back-to-back pass after the last cell finished, so all rows "
+            "share the same machine load (`latency_first` in results.json keeps each cell's first timing)."
+            if (parent or {}).get("latency_pass") == "final"
+            else "The machine is shared: latency is noisy where other jobs ran."
+        ),
         "- **Seeds**: "
         + ", ".join(str(s) for s in grid.seeds)
         + " (one shared parent); `a ± b` = mean ± sd over seeds.",
