@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from grid import METHODS, Grid
-from polyprune.io import atomic_write_text, write_json
+from polyprune.io import atomic_path, atomic_write_text, write_json
 
 TESTS = (("kvasir", "Kvasir"), ("clinicdb", "ClinicDB"))
 
@@ -382,7 +382,8 @@ def plot_dice_vs_macs(
     if axes[1].get_legend_handles_labels()[0]:
         axes[1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -406,7 +407,8 @@ def plot_oneshot(path: Path, curves: dict[str, Any]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -452,7 +454,8 @@ def plot_speedup(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 

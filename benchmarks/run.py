@@ -79,7 +79,7 @@ import grid as G
 import methods as M
 from measure import measure_latency, measure_model
 from polyprune.errors import TargetError
-from polyprune.io import InputSpec, load_model, read_json, save_model, write_json
+from polyprune.io import InputSpec, atomic_write_text, load_model, read_json, save_model, write_json
 from polyprune.models import build_model
 from polyprune.profile import count_macs, system_info
 from polyprune.progress import log
@@ -127,7 +127,7 @@ def resolve_path(p: str, data: dict[str, Path]) -> Path:
 def first_ids(src: Path, n: int, dst: Path) -> Path:
     ids = [line.strip() for line in src.read_text().splitlines() if line.strip()][:n]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("\n".join(ids) + "\n")
+    atomic_write_text(dst, "\n".join(ids) + "\n")
     return dst
 
 
@@ -175,7 +175,7 @@ def train_parent(grid: G.Grid, data: dict[str, Path], work: Path, args: argparse
             pool += sorted(s.id for s in find_samples(d) if s.id not in test)[: ps.train_limit]
         path = work / "ids" / f"train_pool_{key}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(pool) + "\n")
+        atomic_write_text(path, "\n".join(pool) + "\n")
         ids_file = [str(path)]
     log(f"training the parent (width {ps.width}, {ps.size} px, {ps.epochs} epochs) into {out}")
     summary = train(
@@ -500,7 +500,7 @@ def run_cell(b: Bench, cell: G.Cell) -> dict[str, Any]:
     return rec
 
 
-def final_latency_pass(b: Bench, cells: list[G.Cell]) -> None:
+def final_latency_pass(b: Bench, cells: list[G.Cell], force: bool = False) -> None:
     """Every model's latency again, back to back, once the grid is complete.
 
     Cells are measured hours apart, and a shared machine's load changes in between; one pass at the end
@@ -509,7 +509,7 @@ def final_latency_pass(b: Bench, cells: list[G.Cell]) -> None:
     folders = [parent_record_dir(b)] + [G.cell_dir(b.work, c) for c in cells]
     recs = {f: read_json(f / "done.json") for f in folders if G.is_done(f)}
     recs = {f: r for f, r in recs.items() if r.get("status") == "ok"}
-    if all(r.get("latency_pass") == "final" for r in recs.values()):
+    if not force and all(r.get("latency_pass") == "final" for r in recs.values()):
         return
     log(f"final latency pass: {len(recs)} models, ONNX Runtime, {b.grid.latency_threads} threads")
     for f, rec in recs.items():
@@ -605,6 +605,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--precision", choices=("auto", "fp32", "bf16"), help="training precision (default: the parent's)"
     )
+    p.add_argument(
+        "--final-latency",
+        action="store_true",
+        help="redo the final latency pass even if every record has one (e.g. after runs in parallel)",
+    )
     p.add_argument("--no-oneshot", action="store_true", help="skip the one-shot curves")
     p.add_argument("--dry-run", action="store_true", help="print the grid and the time estimate, then stop")
     p.add_argument("--report-only", action="store_true", help="only rewrite the results from finished cells")
@@ -654,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         curves = {} if args.no_oneshot else run_oneshot(b)
         failures = run_cells(b, cells, sps)
         if not failures and not G.pending(work, cells):
-            final_latency_pass(b, cells)
+            final_latency_pass(b, cells, force=args.final_latency)
             parent_rec = read_json(parent_record_dir(b) / "done.json")
     records = G.read_done(work, cells)
     write_report(
@@ -735,7 +740,7 @@ def run_cells(b: Bench, cells: list[G.Cell], sps: float) -> list[str]:
         except Exception as exc:  # keep going; the cell stays pending and is retried by the next run
             failures.append(f"{cell.name}: {exc}")
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "error.txt").write_text(traceback.format_exc())
+            atomic_write_text(folder / "error.txt", traceback.format_exc())
             log(f"cell {cell.name} FAILED: {exc} (traceback in error.txt; rerun to retry)")
             continue
         minutes = (time.perf_counter() - t0) / 60

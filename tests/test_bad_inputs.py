@@ -658,9 +658,10 @@ def _code_lines(py: Path) -> dict[int, str]:
 
 
 def test_every_writer_in_the_package_is_atomic():
-    """Each raw write in src/ targets a temporary path from `atomic_path` (io.py: the helpers)."""
+    """Each raw write in src/ and benchmarks/ targets a temporary path from `atomic_path` (io.py: the
+    helpers)."""
     stragglers = []
-    for py in sorted(SRC.rglob("*.py")):
+    for py in sorted([*SRC.rglob("*.py"), *(REPO / "benchmarks").glob("*.py")]):
         lines = py.read_text().splitlines()
         for n, code in sorted(_code_lines(py).items()):
             if not (WRITERS.search(code) or re.search(r"\.open\(['\"][wax]", code)):
@@ -671,7 +672,7 @@ def test_every_writer_in_the_package_is_atomic():
             context = "\n".join(lines[max(0, n - 13) : n])
             if py.name == "io.py" or "atomic_path(" in context:
                 continue
-            stragglers.append(f"{py.relative_to(SRC)}:{n}: {line}")
+            stragglers.append(f"{py.relative_to(REPO)}:{n}: {line}")
     assert not stragglers, "non-atomic writes:\n" + "\n".join(stragglers)
 
 

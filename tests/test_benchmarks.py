@@ -54,6 +54,9 @@ def test_make_grid_overrides_and_rejects_unknown_methods():
     assert g.seeds == (0, 1) and g.methods == ("l1", "scratch") and g.oneshot_methods == ("l1",)
     with pytest.raises(ValueError):
         G.make_grid("quick", methods=["nope"])
+    assert G.make_grid("quick", targets=[0.1, 0.5, 0.25, 0.5]).targets == (0.5, 0.25, 0.1)
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        G.make_grid("quick", targets=[1.5])
 
 
 def test_aggregate_and_findings_on_synthetic_records():
