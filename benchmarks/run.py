@@ -64,6 +64,7 @@ import argparse
 import copy
 import math
 import os
+import socket
 import statistics
 import sys
 import time
@@ -724,6 +725,34 @@ def print_budget(grid: G.Grid, args: argparse.Namespace) -> float:
     return sps
 
 
+CLAIM = ".claim"
+
+
+def claim_cell(folder: Path) -> bool:
+    """Mark a cell as taken by this process, so that several runs (one per core, say) can share a work
+    dir. False if a live process on this machine holds it; a claim left by a dead process is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, me = folder / CLAIM, f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid, host = path.read_text().split()
+                if host == socket.gethostname():
+                    os.kill(int(pid), 0)  # ProcessLookupError: the claimant is gone
+                return False  # alive here, or on another machine sharing the folder
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)  # its process is gone: take the cell over
+            except (OSError, ValueError):  # unreadable / half-written claim: treat as held, retry later
+                return False
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        return True
+    return False
+
+
 def run_cells(b: Bench, cells: list[G.Cell], sps: float) -> list[str]:
     """Every pending cell, with a progress line per cell; returns the failures (those stay pending)."""
     grid, work = b.grid, b.work
@@ -733,6 +762,11 @@ def run_cells(b: Bench, cells: list[G.Cell], sps: float) -> list[str]:
     spent = estimated = 0.0
     for i, cell in enumerate(todo, 1):
         folder = G.cell_dir(work, cell)
+        if G.is_done(folder):  # finished meanwhile by another run on the same work dir
+            continue
+        if not claim_cell(folder):
+            log(f"cell {i}/{len(todo)}: {cell.label} is being run by another process; skipped")
+            continue
         log(f"cell {i}/{len(todo)}: {cell.label} -> {folder}")
         t0 = time.perf_counter()
         try:
@@ -743,6 +777,8 @@ def run_cells(b: Bench, cells: list[G.Cell], sps: float) -> list[str]:
             atomic_write_text(folder / "error.txt", traceback.format_exc())
             log(f"cell {cell.name} FAILED: {exc} (traceback in error.txt; rerun to retry)")
             continue
+        finally:
+            (folder / CLAIM).unlink(missing_ok=True)
         minutes = (time.perf_counter() - t0) / 60
         spent, estimated = spent + minutes, estimated + est[cell.name]
         left = sum(est[c.name] for c in todo[i:]) * spent / max(1e-9, estimated)

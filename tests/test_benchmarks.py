@@ -104,3 +104,21 @@ def test_aggregate_and_findings_on_synthetic_records():
     assert "Headline: the fastest pruned model within 1 Dice point" in text
     md = report.table(rows, prow, g, 192)
     assert md.count("\n") == 2 + len(rows)  # header, rule, parent + one line per row
+
+
+def test_claim_cell_keeps_parallel_runs_apart(tmp_path):
+    import subprocess
+
+    from run import CLAIM, claim_cell
+
+    cell = tmp_path / "cells" / "l1_t025_s0_x"
+    assert claim_cell(cell)  # first claim: ours
+    assert not claim_cell(cell)  # a live process (this one) holds it
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (cell / CLAIM).write_text(f"{dead.stdout.strip()} {__import__('socket').gethostname()}")
+    assert claim_cell(cell)  # the claimant is gone: taken over
+    assert (cell / CLAIM).read_text().split()[0] == str(__import__("os").getpid())
+    (cell / CLAIM).write_text("")  # being written right now by someone else
+    assert not claim_cell(cell)
