@@ -42,7 +42,9 @@ Each cell (method x target x seed) has a folder under the work dir (default benc
 model.safetensors + train.json (the trained model), then done.json (the record, written atomically,
 last). A killed run resumes: finished cells are skipped, a cell with a model but no record is only
 measured, scratch training resumes from its last epoch. Folder names carry a hash of the cell's
-config, so changed budgets never reuse stale cells.
+config, so changed budgets never reuse stale cells. Several runs may share one work dir (e.g. one per
+core with --threads 1): each claims a cell before running it (a `.claim` file holding its pid) and
+skips cells claimed by a live process; the last one to finish does the final latency pass.
 
 Outputs (benchmarks/results/ by default; --results DIR): results.json (grid, parent, every cell,
 one-shot curves, machine), results.md (the table, findings, plots), dice_vs_macs.png,
