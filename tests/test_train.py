@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -86,6 +87,10 @@ def test_resume_equals_an_uninterrupted_run(synth_dir, tmp_path, monkeypatch):
     ha = json.loads((full / "history.json").read_text())["history"]
     hb = json.loads((part / "history.json").read_text())["history"]
     assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
+    # a resume that would change the learning-rate schedule is refused, naming what changed
+    for change, what in (({"epochs": 5}, "total_steps"), ({"epochs": 3, "lr": 3e-3}, "lr 0.001 -> 0.003")):
+        with pytest.raises(ConfigError, match=f"--resume would change the schedule .*{re.escape(what)}"):
+            train(_cfg(synth_dir, part, resume=True, **change))
 
 
 def test_same_seed_same_weights(synth_dir, tmp_path):

@@ -383,10 +383,20 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     ckpt = Path(checkpoint_dir) / "last.safetensors" if checkpoint_dir else None
-    loop: dict[str, Any] = {"epoch": 0, "step": 0, "best_dice": -1.0, "history": []}
+    # what fixes the learning-rate schedule and the batch order: a resume must not change it silently
+    schedule = {"total_steps": total_steps, "batch": batch, "lr": lr, "seed": seed, "world": world}
+    loop: dict[str, Any] = {"epoch": 0, "step": 0, "best_dice": -1.0, "history": [], "schedule": schedule}
     best: dict[str, torch.Tensor] | None = None
     if resume and ckpt is not None and ckpt.is_file():
         loop, best = load_checkpoint(ckpt, model, opt)
+        was = loop.setdefault("schedule", schedule)  # checkpoints before this check carry none
+        changed = [f"{k} {was[k]} -> {v}" for k, v in schedule.items() if k in was and was[k] != v]
+        if changed:
+            raise ConfigError(
+                f"--resume would change the schedule of {ckpt} ({', '.join(changed)}; total_steps follows "
+                "--epochs/--finetune-iters, the data size and the process count): use the first run's "
+                "options, or start a new run"
+            )
         log(f"resumed from {ckpt} after epoch {loop['epoch']}", enabled=progress)
     history: list[dict[str, Any]] = loop["history"]
     bad_in_a_row = 0
