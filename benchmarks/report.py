@@ -527,7 +527,7 @@ def markdown(
     lines = [
         f"# polyprune benchmark: grid `{grid.name}`",
         "",
-        f"Generated {now} by `benchmarks/run.py{'' if grid.name == 'full' else ' --' + grid.name}`; {n_cells} finished cells.",
+        f"Generated {now} by `{info.get('command') or 'benchmarks/run.py' + ('' if grid.name == 'full' else ' --' + grid.name)}`; {n_cells} finished cells.",
         f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores; torch {machine.get('torch')}, "
         f"onnxruntime {machine.get('onnxruntime')}, Python {machine.get('python')}.",
         "",

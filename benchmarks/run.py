@@ -622,6 +622,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cli = sys.argv[1:] if argv is None else list(argv)
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     try:
         grid = G.make_grid(name, seeds=args.seeds, methods=args.methods, targets=args.targets)
@@ -672,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         parent_info={
             "path": str(b.parent_path),
             "id": b.parent_id,
+            "command": " ".join(["benchmarks/run.py", *cli])
+            + ("" if "--parent" in cli else f" --parent {b.parent_path}"),
             "train": b.train_meta,
             "split": b.split,
             "input": b.spec.to_dict(),
