@@ -611,7 +611,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--final-latency",
         action="store_true",
-        help="redo the final latency pass even if every record has one (e.g. after runs in parallel)",
+        help="redo the final latency pass even if every record has one (e.g. after runs in parallel); "
+        "with --report-only: over the finished cells only",
     )
     p.add_argument("--no-oneshot", action="store_true", help="skip the one-shot curves")
     p.add_argument("--dry-run", action="store_true", help="print the grid and the time estimate, then stop")
@@ -655,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     failures: list[str] = []
     if args.report_only:
+        if args.final_latency:  # time every finished model again in one pass; run nothing else
+            final_latency_pass(b, cells, force=True)
         found = sorted((work / "cells").glob(f"parent_{b.parent_id}_*/done.json"))
         parent_rec = read_json(found[-1]) if found else None
         curves = run_oneshot(b, compute=False)
