@@ -37,3 +37,14 @@ def synth_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("synth")
     return make_synthetic_dataset(out, n=24, size=64, seed=0)
+
+
+def parse_table(md: str, heading: str) -> dict[str, dict[str, str]]:
+    """The Markdown table under `## heading` as {first cell: {column: cell}} (first row wins)."""
+    lines = md.split(f"## {heading}\n", 1)[1].lstrip("\n").split("\n\n", 1)[0].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    out: dict[str, dict[str, str]] = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        out.setdefault(cells[0], dict(zip(header, cells, strict=True)))
+    return out

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -107,8 +110,6 @@ def test_aggregate_and_findings_on_synthetic_records():
 
 
 def test_claim_cell_keeps_parallel_runs_apart(tmp_path):
-    import subprocess
-
     from run import CLAIM, claim_cell
 
     cell = tmp_path / "cells" / "l1_t025_s0_x"
@@ -117,8 +118,8 @@ def test_claim_cell_keeps_parallel_runs_apart(tmp_path):
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    (cell / CLAIM).write_text(f"{dead.stdout.strip()} {__import__('socket').gethostname()}")
+    (cell / CLAIM).write_text(f"{dead.stdout.strip()} {socket.gethostname()}")
     assert claim_cell(cell)  # the claimant is gone: taken over
-    assert (cell / CLAIM).read_text().split()[0] == str(__import__("os").getpid())
+    assert (cell / CLAIM).read_text().split()[0] == str(os.getpid())
     (cell / CLAIM).write_text("")  # being written right now by someone else
     assert not claim_cell(cell)

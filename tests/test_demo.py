@@ -9,20 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import parse_table
 from polyprune.cli import app
 from polyprune.demo import MARKER, _prepare
 from polyprune.errors import ConfigError
-
-
-def parse_table(md: str, heading: str) -> dict[str, dict[str, str]]:
-    """The Markdown table under `## heading` as {first cell: {column: cell}} (first row wins)."""
-    lines = md.split(f"## {heading}\n", 1)[1].lstrip("\n").split("\n\n", 1)[0].splitlines()
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    out: dict[str, dict[str, str]] = {}
-    for ln in lines[2:]:
-        cells = [c.strip() for c in ln.strip("|").split("|")]
-        out.setdefault(cells[0], dict(zip(header, cells, strict=True)))
-    return out
+from polyprune.report import SCORE_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +91,7 @@ def test_report_numbers_match_the_json(demo_run):
     for name in ("parent", "pruned"):
         row, ref = scores[name], result[name]["test"]
         assert row["dataset"] == "test" and int(row["n"]) == ref["n_images"]
-        for header, key in (
-            ("Dice@0.5", "dice"),
-            ("IoU@0.5", "iou"),
-            ("mDice", "mean_dice"),
-            ("mIoU", "mean_iou"),
-            ("Sα", "s_measure"),
-            ("wFβ", "wf_measure"),
-            ("mEφ", "mean_em"),
-            ("MAE", "mae"),
-        ):
+        for header, key in SCORE_COLUMNS:
             assert float(row[header]) == pytest.approx(ref[key], abs=5e-5), header  # fmt: skip
     assert "### pruned: taylor-gradnorm, target macs 0.25" in md and "worst by pruned's Dice@0.5" in md
     html = (out / "report" / "report.html").read_text()

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import parse_table
 from polyprune.errors import ConfigError
 from polyprune.evaluate import CSV_KEYS
 from polyprune.report import pick_cases, write_report
@@ -108,18 +109,6 @@ def runs(tmp_path: Path) -> Path:
                          "p90_ms": ms, "min_ms": ms, "fps": 1000 / (ms * f)})  # fmt: skip
     _write(root / "benchmark.json", {"rows": rows, "system": {"cpu": "test cpu", "cores": 2, "torch": "x"}})
     return root
-
-
-def parse_table(md: str, heading: str) -> dict[str, dict[str, str]]:
-    """The Markdown table under `## heading` as {first cell: {column: cell}} (first row wins)."""
-    part = md.split(f"## {heading}\n", 1)[1]
-    lines = part.lstrip("\n").split("\n\n", 1)[0].splitlines()
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    out: dict[str, dict[str, str]] = {}
-    for ln in lines[2:]:
-        cells = [c.strip() for c in ln.strip("|").split("|")]
-        out.setdefault(cells[0], dict(zip(header, cells, strict=True)))
-    return out
 
 
 def test_report_tables_plots_and_overlays(runs, tmp_path):
