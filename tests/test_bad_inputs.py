@@ -356,7 +356,7 @@ MODEL_CASES = {  # kind -> words the one line must contain
     "truncated": "not a readable .safetensors",
     "other-architecture": "resnet50",
     "mismatched-shapes": "do not match",
-    "huge-architecture": "do not match",
+    "huge-architecture": "base_width must be an int in 1..512",
     "arch-not-an-object": "corrupt polyprune metadata",
     "no-metadata": "no polyprune metadata",
     "input-size-30": "30",
@@ -679,10 +679,12 @@ def test_every_writer_in_the_package_is_atomic():
 
 
 def test_nothing_in_the_package_unpickles():
+    """No pickle anywhere; torch.load only with weights_only=True (the ImageNet encoder file)."""
     hits = [
         f"{py.relative_to(SRC)}: {m.group(0)}"
         for py in sorted(SRC.rglob("*.py"))
-        for m in re.finditer(r"torch\.load\(|pickle\.loads?\(|np\.load\(", py.read_text())
+        for m in re.finditer(r"torch\.load\([^)]*\)|pickle\.loads?\(|np\.load\(", py.read_text())
+        if "weights_only=True" not in m.group(0)
     ]
     assert not hits, hits
 

@@ -73,7 +73,7 @@ def _perfect_mean_dice(dataset: Path) -> float:
 def test_gt_masks_as_predictions_score_one(dataset, tmp_path):
     results = evaluate_predictions(_gt_preds(dataset, tmp_path / "preds"), [dataset], progress=False)
     r = results["tiny"]
-    assert set(r) == {*METRIC_KEYS, "n_images"} and r["n_images"] == 4
+    assert set(r) == {*METRIC_KEYS, "n_images", "n_empty", "fp_frames"} and r["n_images"] == 4
     for k in ("dice", "iou", "precision", "recall", "f2", "max_dice", "s_measure", "wf_measure"):
         assert r[k] == pytest.approx(1.0, abs=1e-6), k
     assert r["mae"] == 0.0

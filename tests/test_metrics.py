@@ -241,7 +241,7 @@ def test_meter_summary_keys_rows_and_averages():
         gt = _disc(20, 30, 10, 10 + i, 4 + i)
         meter.step(_blurry_map(gt, rng), gt, f"img{i}")
     s = meter.summary()
-    assert tuple(s) == (*METRIC_KEYS, "n_images") and s["n_images"] == 5
+    assert tuple(s) == (*METRIC_KEYS, "n_images", "n_empty", "fp_frames") and s["n_images"] == 5
     assert [r["id"] for r in meter.rows] == [f"img{i}" for i in range(5)]
     for k in ("dice", "iou", "precision", "recall", "f2", "mean_dice", "mean_iou", "s_measure", "mae"):
         assert s[k] == pytest.approx(np.mean([r[k] for r in meter.rows]))  # per-image means
@@ -286,3 +286,19 @@ def test_meter_rejects_bad_inputs():
         m.step(np.full((4, 4), 3.0), np.zeros((4, 4), np.uint8))
     with pytest.raises(ValueError, match="before any step"):
         m.summary()
+
+
+def test_false_alarms_on_polyp_free_frames():
+    empty = np.zeros((32, 32), np.uint8)
+    meter = SegmentationMeter()
+    meter.step(np.zeros((32, 32), np.float32), empty, "clean")  # empty frame, nothing predicted
+    speck = np.zeros((32, 32), np.float32)
+    speck[3, 4] = 0.6  # one pixel over 0.5 on a polyp-free frame: a false alarm
+    meter.step(speck, empty, "speck")
+    low = np.full((32, 32), 0.49, np.float32)  # below the threshold everywhere: no alarm
+    meter.step(low, empty, "low")
+    gt = _disc(32, 32, 16, 16, 8)
+    meter.step(gt.astype(np.float32), gt, "polyp")  # frames with a polyp never count
+    s = meter.summary()
+    assert (s["n_empty"], s["fp_frames"]) == (3, 1)
+    assert [r["false_alarm"] for r in meter.rows] == [False, True, False, False]

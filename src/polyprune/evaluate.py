@@ -323,6 +323,7 @@ def summary_line(results: dict[str, dict]) -> str:
     """One line: per dataset n, Dice@0.5 and PraNet mDice."""
     parts = [
         f"{name} n={r['n_images']} Dice@0.5 {r['dice']:.4f} mDice {r['mean_dice']:.4f}"
+        + (f" false alarms {r['fp_frames']}/{r['n_empty']} polyp-free" if r.get("n_empty") else "")
         for name, r in results.items()
         if not name.startswith("_")
     ]

@@ -211,6 +211,9 @@ class SegmentationMeter:
         map8 = to_uint8_map(prob)
         gt8 = g.astype(np.uint8) * 255  # pysodmetrics binarizes its GT with > 128
         row: dict = {"id": image_id, **jha_scores(prob, g, self.threshold)}
+        # a polyp-free frame with any pixel over the threshold is a false alarm to the clinician
+        row["empty_gt"] = not g.any()
+        row["false_alarm"] = row["empty_gt"] and bool((prob >= self.threshold).any())
         dice, iou = pranet_curves(map8, g)
         self.dice_curves.append(dice)
         self.iou_curves.append(iou)
@@ -232,7 +235,8 @@ class SegmentationMeter:
         return np.mean(self.dice_curves, axis=0)
 
     def summary(self) -> dict[str, float]:
-        """Every METRIC_KEYS value over the images seen so far, plus n_images."""
+        """Every METRIC_KEYS value over the images seen so far, plus n_images, and n_empty (frames whose
+        GT is empty) with fp_frames (those of them with any predicted pixel: false alarms)."""
         if not self.rows:
             raise ValueError("SegmentationMeter.summary() before any step()")
         out = {k: float(np.mean([r[k] for r in self.rows])) for k in JHA_KEYS}
@@ -248,4 +252,9 @@ class SegmentationMeter:
             max_em=float(em_curve.max()),
             mae=float(self._mae.get_results()["mae"]),
         )
-        return {**{k: out[k] for k in METRIC_KEYS}, "n_images": len(self.rows)}
+        return {
+            **{k: out[k] for k in METRIC_KEYS},
+            "n_images": len(self.rows),
+            "n_empty": sum(r["empty_gt"] for r in self.rows),
+            "fp_frames": sum(r["false_alarm"] for r in self.rows),
+        }

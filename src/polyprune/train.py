@@ -327,6 +327,14 @@ def load_checkpoint(
 # -------------------------------------------------------------------------------------------- fit
 
 
+def learning_rate(step: int, total_steps: int, lr: float, warmup_steps: int = 0) -> float:
+    """Linear warm-up over `warmup_steps` (a fresh decoder on a pretrained encoder), then cosine to 0."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def fit(
     model: nn.Module,
     train_ds: Dataset,
@@ -337,6 +345,7 @@ def fit(
     batch: int = 8,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
+    warmup: float = 0.0,
     loss: str = "bce-dice",
     device: str | torch.device = "auto",
     precision: str = "auto",
@@ -384,7 +393,12 @@ def fit(
 
     ckpt = Path(checkpoint_dir) / "last.safetensors" if checkpoint_dir else None
     # what fixes the learning-rate schedule and the batch order: a resume must not change it silently
+    if not 0.0 <= warmup < 1.0:
+        raise ConfigError(f"--warmup must be in [0, 1), got {warmup}")
+    warmup_steps = int(warmup * total_steps)
     schedule = {"total_steps": total_steps, "batch": batch, "lr": lr, "seed": seed, "world": world}
+    if warmup_steps:  # only when used, so checkpoints of runs without warm-up still resume
+        schedule["warmup_steps"] = warmup_steps
     loop: dict[str, Any] = {"epoch": 0, "step": 0, "best_dice": -1.0, "history": [], "schedule": schedule}
     best: dict[str, torch.Tensor] | None = None
     if resume and ckpt is not None and ckpt.is_file():
@@ -425,7 +439,7 @@ def fit(
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 if dev.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
-                cur_lr = lr * 0.5 * (1 + math.cos(math.pi * loop["step"] / max(1, total_steps)))
+                cur_lr = learning_rate(loop["step"], total_steps, lr, warmup_steps)
                 for g in opt.param_groups:
                     g["lr"] = cur_lr
                 with autocast(dev, prec):
@@ -504,8 +518,11 @@ class TrainConfig:
     data: list[str]
     out: str
     size: int = 256
+    arch: str = "unet"
     width: int = 16
-    upsample: str = "transpose"
+    upsample: str | None = None  # None: the family's own default (unet: transpose, encoder UNets: bilinear)
+    pretrained: bool = True  # ImageNet encoder weights, for the encoder UNets (unet has none)
+    warmup: float = 0.0  # share of all steps with a linear learning-rate warm-up before the cosine
     epochs: int = 20
     batch: int = 8
     lr: float = 1e-3
@@ -525,13 +542,22 @@ class TrainConfig:
     progress: bool = True
 
 
+def build_training_model(cfg: TrainConfig) -> nn.Module:
+    """The model `train` starts from: a plain UNet of `width`, or an encoder UNet (ImageNet weights)."""
+    from polyprune.models import build_model
+
+    if cfg.arch == "unet":
+        return build_model("unet", base_width=cfg.width, upsample=cfg.upsample or "transpose")
+    extra = {"upsample": cfg.upsample} if cfg.upsample else {}
+    return build_model(cfg.arch, pretrained=cfg.pretrained, **extra)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """`polyprune train`: build a UNet, fit it, write RUN/model.safetensors + history.json.
 
     Returns a summary: best validation Dice, epochs, minutes, params, MACs, paths.
     """
     from polyprune.data import check_size
-    from polyprune.models import build_model
     from polyprune.profile import count_macs, count_params
 
     check_size(cfg.size)
@@ -553,12 +579,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         augment=cfg.augment,
         skip_bad=cfg.skip_bad,
     )
-    model = build_model("unet", base_width=cfg.width, upsample=cfg.upsample)
+    model = build_training_model(cfg)
+    check_size(cfg.size, int(getattr(model, "stride", 16)))
     params, macs = count_params(model), count_macs(model, cfg.size)
     train_meta = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}
     train_meta.update(n_train=len(train_ds), n_val=len(val_ds))
+    what = f"UNet width {cfg.width}" if cfg.arch == "unet" else f"{cfg.arch} (pretrained: {cfg.pretrained})"
     log(
-        f"training UNet width {cfg.width} ({params / 1e6:.2f} M params, {macs / 1e9:.2f} GMACs at {cfg.size}) "
+        f"training {what} ({params / 1e6:.2f} M params, {macs / 1e9:.2f} GMACs at {cfg.size}) "
         f"on {len(train_ds)} images, validating on {len(val_ds)}",
         enabled=cfg.progress,
     )
@@ -577,6 +605,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         batch=cfg.batch,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
+        warmup=cfg.warmup,
         loss=cfg.loss,
         device=dev,
         precision=cfg.precision,
@@ -603,6 +632,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "params": params,
         "macs": macs,
         "size": cfg.size,
+        "arch": cfg.arch,
         "width": cfg.width,
     }
     if is_main_process():

@@ -25,6 +25,34 @@ def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return deco
 
 
+MAX_WIDTH = 8192  # channels of one conv: far above any segmentation net, far below a memory bomb
+MAX_IO_CHANNELS = 64
+
+
+def check_channels(family: str, in_channels: Any, out_channels: Any) -> None:
+    """Input and output channels are small positive ints (model files come from users)."""
+    for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_IO_CHANNELS:
+            raise ConfigError(f"{family}: {name} must be an int in 1..{MAX_IO_CHANNELS}, got {v!r}")
+
+
+def merge_widths(family: str, defaults: dict[str, int], widths: dict[str, Any] | None) -> dict[str, int]:
+    """The unpruned `defaults` overridden by `widths` (a pruned config): known keys, ints in 1..MAX_WIDTH."""
+    w = dict(defaults)
+    if not widths:
+        return w
+    if not isinstance(widths, dict):
+        raise ConfigError(f"{family}: widths must be a mapping of layer name to channels")
+    unknown = sorted(set(widths) - set(w))
+    if unknown:
+        raise ConfigError(f"unknown {family} width keys: {unknown[:5]}")
+    for k, v in widths.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_WIDTH:
+            raise ConfigError(f"{family}: width {k} must be an int in 1..{MAX_WIDTH}, got {v!r}")
+        w[k] = v
+    return w
+
+
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -38,4 +66,5 @@ def build_model(name: str, **cfg: Any) -> nn.Module:
         raise ConfigError(f"bad config for model {name!r}: {exc}") from exc
 
 
+from polyprune.models import mobilenetv2 as _mobilenetv2  # noqa: E402,F401  (registers "unet-mobilenetv2")
 from polyprune.models import unet as _unet  # noqa: E402,F401  (registers "unet")

@@ -20,7 +20,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from polyprune.errors import ConfigError
-from polyprune.models import register_model
+from polyprune.models import MAX_WIDTH, check_channels, merge_widths, register_model
+
+MAX_DEPTH = 8  # 2**8 = 256 px stride: deeper makes no sense for images, and a huge depth hangs the build
 
 
 class DoubleConv(nn.Module):
@@ -79,16 +81,11 @@ class UNet(nn.Module):
         super().__init__()
         if upsample not in ("transpose", "bilinear"):
             raise ConfigError(f"upsample must be 'transpose' or 'bilinear', got {upsample!r}")
-        if base_width < 1 or depth < 1:
-            raise ConfigError(f"base_width and depth must be >= 1, got {base_width}, {depth}")
-        w = default_widths(base_width, depth)
-        if widths:
-            unknown = set(widths) - set(w)
-            if unknown:
-                raise ConfigError(f"unknown UNet width keys: {sorted(unknown)}")
-            if any(int(v) < 1 for v in widths.values()):
-                raise ConfigError("every UNet width must be >= 1")
-            w.update({k: int(v) for k, v in widths.items()})
+        check_channels("UNet", in_channels, out_channels)
+        for name, v, top in (("base_width", base_width, MAX_WIDTH // 16), ("depth", depth, MAX_DEPTH)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+                raise ConfigError(f"UNet {name} must be an int in 1..{top}, got {v!r}")
+        w = merge_widths("UNet", default_widths(base_width, depth), widths)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.base_width, self.depth, self.upsample = base_width, depth, upsample
 
