@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+from cli_helpers import N_PAIRS
+from polyprune.io import InputSpec, save_model
+from polyprune.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("POLYPRUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -37,6 +42,25 @@ def synth_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("synth")
     return make_synthetic_dataset(out, n=24, size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """An untrained width-4 UNet at 32 px: enough for every command that reads a model."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    return save_model(path, build_model("unet", base_width=4), input_spec=InputSpec(size=32))
+
+
+@pytest.fixture
+def data(tmp_path, synth_dir) -> Path:
+    """N_PAIRS synthetic pairs (64 px, images/*.jpg + masks/*.png) in a folder of this test's own."""
+    root = tmp_path / "ds"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+        for p in sorted((synth_dir / sub).iterdir())[:N_PAIRS]:
+            shutil.copy(p, root / sub / p.name)
+    return root
 
 
 def parse_table(md: str, heading: str) -> dict[str, dict[str, str]]:

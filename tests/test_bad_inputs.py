@@ -18,7 +18,6 @@ import pickle
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -29,7 +28,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polyprune.cli import main
+from cli_helpers import N_PAIRS, assert_error, assert_ok, cli, eval_args, real_cli, train_args
 from polyprune.data import read_image, read_mask
 from polyprune.errors import DataError, OutputError
 from polyprune.io import InputSpec, atomic_write_bytes, save_model, save_tensors, write_json
@@ -37,87 +36,7 @@ from polyprune.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "polyprune"
-N_PAIRS = 6
 HYPO = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def cli(capsys, *args: object) -> tuple[int, str, str]:
-    """`polyprune ARGS` through `polyprune.cli.main` in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    with mock.patch.object(sys, "argv", ["polyprune", *map(str, args)]):
-        try:
-            main()
-            rc = 0
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def real_cli(*args: object, cwd: Path | None = None, timeout: float = 300) -> tuple[int, str, str]:
-    r = subprocess.run(
-        [sys.executable, "-m", "polyprune", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    return r.returncode, r.stdout, r.stderr
-
-
-def assert_error(result: tuple[int, str, str], *needles: object) -> str:
-    """Exit code 2, exactly one stderr line `error: ...` containing every needle, no traceback."""
-    rc, out, err = result
-    assert "Traceback" not in out + err, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2, f"rc={rc}\nstdout={out}\nstderr={err}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert str(needle) in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def assert_ok(result: tuple[int, str, str]) -> str:
-    rc, out, err = result
-    assert rc == 0 and "Traceback" not in out + err, f"rc={rc}\nstdout={out}\nstderr={err}"
-    return err
-
-
-def train_args(data: Path, out: Path, *extra: object) -> list[object]:
-    return [
-        "train", "--data", data, "--out", out, "--size", 32, "--width", 4, "--epochs", 1,
-        "--batch", 4, "--threads", 1, "--precision", "fp32", "-q", *extra,
-    ]  # fmt: skip
-
-
-def eval_args(data: Path, model: Path, *extra: object) -> list[object]:
-    return ["evaluate", "--data", data, "--model", model, "--threads", 1, "-q", *extra]
-
-
-# --------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """An untrained width-4 UNet at 32 px: enough for every command that reads a model."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    return save_model(path, build_model("unet", base_width=4), input_spec=InputSpec(size=32))
-
-
-@pytest.fixture
-def data(tmp_path, synth_dir) -> Path:
-    """N_PAIRS synthetic pairs (64 px, images/*.jpg + masks/*.png) in a folder of this test's own."""
-    root = tmp_path / "ds"
-    for sub in ("images", "masks"):
-        (root / sub).mkdir(parents=True)
-        for p in sorted((synth_dir / sub).iterdir())[:N_PAIRS]:
-            shutil.copy(p, root / sub / p.name)
-    return root
 
 
 def first(data: Path, sub: str) -> Path:
@@ -347,6 +266,38 @@ def _bad_model(kind: str, folder: Path, good: Path) -> Path:
         save_model(path, m, input_spec=InputSpec(size=30))
     elif kind == "a-folder":
         path.mkdir()
+    elif kind == "depth-1e9":  # built naively this hangs and eats memory
+        save_model(path, m, input_spec=InputSpec(size=32), arch={"name": "unet", "depth": 10**9})
+    elif kind in ("in-channels-0", "out-channels-0"):
+        key = kind.split("-")[0] + "_channels"
+        save_model(path, m, input_spec=InputSpec(size=32), arch={**m.config(), key: 0})
+    elif kind in ("in-channels-1", "in-channels-4"):  # real weights of that shape: only the io rule refuses
+        c = int(kind[-1])
+        save_model(path, build_model("unet", base_width=4, in_channels=c), input_spec=InputSpec(size=32))
+    elif kind == "nan-weights":
+        sick = build_model("unet", base_width=4)
+        with torch.no_grad():
+            sick.enc1.conv1.weight[0, 0, 0, 0] = float("nan")
+        save_model(path, sick, input_spec=InputSpec(size=32))
+    else:  # hostile metadata fields on good weights
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(good), framework="pt") as fh:
+            meta = dict(fh.metadata())
+        spec = json.loads(meta["input"])
+        edits = {
+            "input-size-32000": ("input", {**spec, "size": 32000}),
+            "input-size-2e20": ("input", {**spec, "size": 2**20}),
+            "nan-mean": ("input", {**spec, "mean": [float("nan"), 0.4, 0.4]}),
+            "inf-std": ("input", {**spec, "std": [0.2, float("inf"), 0.2]}),
+            "nan-threshold": ("input", {**spec, "threshold": float("nan")}),
+            "threshold-1.5": ("input", {**spec, "threshold": 1.5}),
+            "version-999": ("polyprune", "999"),
+        }
+        field, value = edits[kind]
+        meta[field] = value if isinstance(value, str) else json.dumps(value)
+        save_file(load_file(str(good)), str(path), metadata=meta)
     return path
 
 
@@ -361,6 +312,19 @@ MODEL_CASES = {  # kind -> words the one line must contain
     "no-metadata": "no polyprune metadata",
     "input-size-30": "30",
     "a-folder": "folder",
+    "depth-1e9": "depth must be an int in 1..8",
+    "in-channels-0": "in_channels must be an int in 1..64",
+    "out-channels-0": "out_channels must be an int in 1..64",
+    "in-channels-1": "in_channels 3",
+    "in-channels-4": "in_channels 3",
+    "nan-weights": "holds NaN/inf",
+    "input-size-32000": "input size must be an int in 16..4096",
+    "input-size-2e20": "input size must be an int in 16..4096",
+    "nan-mean": "3 finite means",
+    "inf-std": "3 finite stds",
+    "nan-threshold": "threshold must be in (0, 1)",
+    "threshold-1.5": "threshold must be in (0, 1)",
+    "version-999": "format version '999'",
 }
 
 
@@ -641,6 +605,10 @@ REVIEWED = {  # (file, line): why it is not a raw write of a final output
     ("export.py", "onnx.save(proto, str(path))  # < 2 GB: one file, weights inside"): "the same temp file",
     ("run.py", 'with os.fdopen(fd, "w") as fh:'): "a cell's claim (lock) file, created with O_EXCL; "
     "readers treat an empty one as held",
+    (
+        "cli.py",
+        'sys.stdout = open(os.devnull, "w")  # noqa: SIM115',
+    ): "stdout failed: later prints go nowhere",
 }
 
 

@@ -6,6 +6,8 @@ traceback. Under torchrun only rank 0 prints.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -32,14 +34,19 @@ Threads = Annotated[int | None, typer.Option(help="torch threads (default: all c
 
 
 def _echo_json(obj: object) -> None:
-    import json
-
-    from polyprune.io import _json_default
+    from polyprune.errors import OutputError
+    from polyprune.io import json_text
     from polyprune.progress import is_main_process
 
     if not is_main_process():  # under torchrun one JSON document, from rank 0
         return
-    typer.echo(json.dumps(obj, indent=2, default=_json_default))
+    try:
+        sys.stdout.write(json_text(obj) + "\n")
+        sys.stdout.flush()
+    except OSError as exc:  # a full disk or a closed pipe behind stdout: one line, not a traceback
+        with contextlib.suppress(OSError):  # nothing more may reach that stdout at exit either
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        raise OutputError(f"cannot write the JSON result to stdout: {exc.strerror or exc}") from exc
 
 
 def _emit_json(obj: object, target: str | None) -> None:
@@ -588,25 +595,44 @@ def main() -> None:
         warnings.showwarning = previous
 
 
+RESUMABLE = ("train", "prune")
+
+
+def _interrupted() -> None:
+    """Ctrl-C: one line and exit 130 (typer's standalone_mode=False returns it as a plain 130)."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    hint = (
+        " (its last finished epoch or step is kept: continue with --resume)" if command in RESUMABLE else ""
+    )
+    typer.echo(f"interrupted: polyprune {command} stopped by Ctrl-C{hint}".replace("  ", " "), err=True)
+    sys.exit(130)
+
+
 def _main() -> None:
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)
     except PolypruneError as exc:
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     except Exception as exc:  # click's own usage errors (typer 0.29 vendors click as typer._click)
         usage, exit_, abort = _click_exception_types()
-        if isinstance(exc, usage):
-            exc.show()
+        if isinstance(exc, usage):  # one line like every other bad input, with where to look
+            command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+            known = command in {c.name or c.callback.__name__ for c in app.registered_commands}
+            hint = f" (see polyprune {command} --help)" if known else " (see polyprune --help)"
+            typer.echo(f"error: {_one_line(exc.format_message())}{hint}", err=True)
             sys.exit(2)
         if isinstance(exc, exit_):
             sys.exit(exc.exit_code)
         if isinstance(exc, abort):
             sys.exit(1)
         raise
+    if rv == 130:  # typer turns KeyboardInterrupt into Exit(130), returned in this mode
+        _interrupted()
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+        sys.exit(rv)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

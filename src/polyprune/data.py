@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 import torch
 
+from polyprune.checks import check_size
 from polyprune.errors import ConfigError, DataError
 from polyprune.io import InputSpec
 from polyprune.progress import progress_bar
@@ -64,13 +65,6 @@ def preprocess_image(image_rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
     x = resized.astype(np.float32) / 255.0
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-def check_size(size: int, stride: int = 16) -> int:
-    """A model input size must be a positive multiple of `stride` (the UNet's 2**depth); return it."""
-    if isinstance(size, bool) or int(size) != size or size <= 0 or size % stride:
-        raise ConfigError(f"size must be a positive multiple of {stride}, got {size}")
-    return int(size)
 
 
 # ---------------------------------------------------------------------------------------------- layout

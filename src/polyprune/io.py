@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,6 +38,8 @@ from torch import nn
 from polyprune.errors import DataError, ModelFileError, OutputError
 
 FORMAT_VERSION = "1"
+SUPPORTED_VERSIONS = ("1",)
+MAX_INPUT_SIZE = 4096  # px: a model input beyond this is a hostile or broken file, not a real model
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,11 +61,27 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        """Parse and bound-check (the dict comes from a file a user hands us): ValueError if out of bounds."""
+        size = d.get("size", 256)
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= MAX_INPUT_SIZE:
+            raise ValueError(f"input size must be an int in 16..{MAX_INPUT_SIZE}, got {size!r}")
+        mean, std = d.get("mean", IMAGENET_MEAN), d.get("std", IMAGENET_STD)
+        threshold = d.get("threshold", 0.5)
+        numbers = (
+            [*mean, *std, threshold]
+            if isinstance(mean, list | tuple) and isinstance(std, list | tuple)
+            else []
+        )
+        if not numbers or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+            raise ValueError("input mean, std and threshold must be numbers")
+        if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in (*mean, *std)):
+            raise ValueError(f"input needs 3 finite means and 3 finite stds, got mean {mean}, std {std}")
+        if min(std) <= 0:
+            raise ValueError(f"input std must be > 0, got {std}")
+        if not 0 < threshold < 1:  # NaN fails this too
+            raise ValueError(f"input threshold must be in (0, 1), got {threshold}")
         return cls(
-            size=int(d.get("size", 256)),
-            mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),
-            std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),
-            threshold=float(d.get("threshold", 0.5)),
+            size=size, mean=tuple(map(float, mean)), std=tuple(map(float, std)), threshold=float(threshold)
         )
 
 
@@ -109,17 +129,34 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+
+    A symlink at `path` keeps pointing where it did: the write lands at its target. A FIFO, device or
+    socket (/dev/stdout, a named pipe) is never replaced by a regular file: the finished bytes are
+    copied into it instead (no atomicity there: a stream has none to give).
+    """
     path = Path(path)
+    special = _is_special(path)  # stat follows links: /dev/stdout -> a pipe is special
+    if not special and path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+        if not special:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = tempfile.gettempdir() if special else path.parent
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=tmp_dir)
         os.close(fd)
     except OSError as exc:
         _raise_output_error(path, exc)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if special:
+            with open(tmp_path, "rb") as src, open(path, "wb") as dst:
+                dst.write(src.read())
+            tmp_path.unlink(missing_ok=True)
+            return
         with open(tmp_path, "rb+") as fh:  # data on disk before the rename makes it visible
             # mkstemp makes 0600 (and some writers recreate the file): the final file gets the mode
             # an ordinary open() would give it
@@ -134,6 +171,15 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         raise
 
 
+def _is_special(path: Path) -> bool:
+    """A FIFO, character / block device or socket: something to write into, never to replace."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -144,8 +190,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """Strict JSON (RFC 8259): NaN and +-inf become null, numpy / torch scalars plain numbers."""
+    return json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    if hasattr(o, "item") and getattr(o, "ndim", 0) == 0:  # numpy / torch scalars
+        return _finite(o.item())
+    if hasattr(o, "tolist"):
+        return _finite(o.tolist())
+    return o
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write_text(path, json_text(obj) + "\n")
 
 
 def _json_default(o: Any) -> Any:
@@ -224,21 +289,25 @@ def read_metadata(path: str | Path) -> ModelMeta:
         ) from exc
     if "arch" not in raw:
         raise ModelFileError(f"{path} has no polyprune metadata (arch); was it written by polyprune?")
+    version = raw.get("polyprune", FORMAT_VERSION)
+    if version not in SUPPORTED_VERSIONS:
+        raise ModelFileError(
+            f"{path} has model format version {version[:20]!r}; this polyprune reads "
+            f"{', '.join(SUPPORTED_VERSIONS)} (a newer polyprune wrote it?)"
+        )
     try:
         fields = {k: json.loads(raw.get(k) or "{}") for k in ("arch", "input", "parent", "train", "pruning")}
         for k, v in fields.items():
             if not isinstance(v, dict):
                 raise ValueError(f"{k} is a JSON {type(v).__name__}, not an object")
         spec = InputSpec.from_dict(fields["input"])
-        if spec.size < 1 or len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
-            raise ValueError(f"input {raw.get('input')} needs size >= 1 and 3 means, 3 positive stds")
         return ModelMeta(
             arch=fields["arch"],
             input=spec,
             parent=fields["parent"],
             train=fields["train"],
             pruning=fields["pruning"],
-            version=raw.get("polyprune", "?"),
+            version=version,
         )
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path} has corrupt polyprune metadata ({_short(exc)})") from exc
@@ -302,6 +371,12 @@ def load_model(path: str | Path, *, base_model: nn.Module | None = None, device:
         why = _shape_mismatch(expected, _file_shapes(path))
         if why:
             raise ModelFileError(f"{path}: weights do not match the architecture in its metadata ({why})")
+        io_channels = (arch.get("in_channels", 3), arch.get("out_channels", 1))
+        if io_channels != (3, 1):
+            raise ModelFileError(
+                f"{path}: polyprune models take RGB images and give one mask (in_channels 3, "
+                f"out_channels 1); its metadata says {io_channels[0]} and {io_channels[1]}"
+            )
         stride = int(getattr(skeleton, "stride", 1))
         if meta.input.size % stride:
             raise ModelFileError(
@@ -313,6 +388,9 @@ def load_model(path: str | Path, *, base_model: nn.Module | None = None, device:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path} is not a readable .safetensors model file ({_short(exc)})") from exc
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ModelFileError(f"{path}: weight {bad} holds NaN/inf values (a diverged training run?)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # torch's first line is a header: name the first real difference

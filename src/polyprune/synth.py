@@ -27,6 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from polyprune.checks import check_seed
 from polyprune.errors import ConfigError
 from polyprune.io import atomic_write_bytes
 from polyprune.progress import progress_bar
@@ -196,6 +197,7 @@ def make_synthetic_dataset(
         raise ConfigError(f"synthetic image size must be >= {MIN_SIZE}, got {size}")
     if n < 1:
         raise ConfigError(f"number of synthetic images must be >= 1, got {n}")
+    check_seed(seed)
     out = Path(out)
     with progress_bar(total=n, desc="synth", enabled=progress) as bar:
         for k in range(n):

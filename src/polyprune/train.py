@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from polyprune import distributed as dist_utils
+from polyprune.checks import check_choice, check_int, check_number, check_seed, check_size, check_threads
 from polyprune.errors import ConfigError, ModelFileError, TrainingError
 from polyprune.io import InputSpec, save_model, save_tensors, write_json
 from polyprune.progress import is_main_process, log, progress_bar
@@ -76,6 +77,7 @@ def autocast(device: torch.device, precision: str):
 
 def set_threads(threads: int | None) -> None:
     """Default: all cores, shared out among the processes torchrun started on this machine."""
+    check_threads(threads)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // dist_utils.local_world_size()))
 
 
@@ -111,7 +113,7 @@ def make_datasets(
     given, restricts the pool to those ids. The validation split is carved from what remains, per
     dataset folder, by a seeded shuffle: never from test data.
     """
-    from polyprune.data import SegmentationDataset, check_size, find_samples, split_samples
+    from polyprune.data import SegmentationDataset, find_samples, split_samples
 
     check_size(spec.size)
     if not data_dirs:
@@ -367,8 +369,7 @@ def fit(
     prec = resolve_precision(precision, dev)
     if len(train_ds) == 0:
         raise ConfigError("the training set is empty")
-    if batch < 1:
-        raise ConfigError(f"--batch must be >= 1, got {batch}")
+    check_training_numbers(lr=lr, weight_decay=weight_decay, batch=batch, seed=seed, workers=workers)
     loss_fn = make_loss(loss)
     world = dist_utils.world_size()
     model.to(dev)
@@ -487,6 +488,12 @@ def fit(
                 "skipped_steps": skipped,
             }
             bar.set(loss=f"{row['loss']:.4f}", val_dice=f"{val:.4f}")
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            # finite losses can still step the weights to inf (a huge lr): never save such a model
+            raise TrainingError(
+                f"the weights became NaN/inf in epoch {epoch + 1} (lr {lr:g}); nothing of this epoch was "
+                "saved: try a lower --lr or --precision fp32"
+            )
         history.append(row)
         log(
             f"{desc} {epoch + 1}/{epochs}: loss {row['loss']:.4f}  val Dice {val:.4f}  ({row['seconds']:.0f} s)",
@@ -541,6 +548,26 @@ class TrainConfig:
     skip_bad: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        check_training_numbers(
+            lr=self.lr, weight_decay=self.weight_decay, batch=self.batch, seed=self.seed, workers=self.workers
+        )
+        check_threads(self.threads)
+        check_int("epochs", self.epochs, low=1)
+        check_int("width", self.width, low=1, high=512)
+        check_number("warmup", self.warmup, low=0, high=1, high_open=True)
+        check_number("val_fraction", self.val_fraction, low=0, high=1, high_open=True)
+        check_choice("loss", self.loss, tuple(LOSSES))
+
+
+def check_training_numbers(*, lr: Any, weight_decay: Any, batch: Any, seed: Any, workers: Any = 0) -> None:
+    """What `fit` needs of its numbers (train and prune share these)."""
+    check_number("lr", lr, low=0, low_open=True, high=10)
+    check_number("weight_decay", weight_decay, low=0, high=10)
+    check_int("batch", batch, low=1, high=4096)
+    check_seed(seed)
+    check_int("workers", workers, low=0, high=256)
+
 
 def build_training_model(cfg: TrainConfig) -> nn.Module:
     """The model `train` starts from: a plain UNet of `width`, or an encoder UNet (ImageNet weights)."""
@@ -557,7 +584,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Returns a summary: best validation Dice, epochs, minutes, params, MACs, paths.
     """
-    from polyprune.data import check_size
     from polyprune.profile import count_macs, count_params
 
     check_size(cfg.size)

@@ -92,10 +92,13 @@ class PruneConfig:
 
 def check_config(cfg: PruneConfig) -> None:
     """ConfigError for any option that cannot work, before anything is loaded."""
-    if cfg.size is not None:
-        from polyprune.data import check_size
+    from polyprune.checks import check_size, check_threads
+    from polyprune.train import check_training_numbers
 
+    if cfg.size is not None:
         check_size(cfg.size)
+    check_training_numbers(lr=cfg.lr, weight_decay=cfg.weight_decay, batch=cfg.batch, seed=cfg.seed)
+    check_threads(cfg.threads)
     targets = {
         k: getattr(cfg, k)
         for k in ("target_params", "target_macs", "target_fps", "max_dice_drop")
@@ -405,6 +408,21 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
     return summary
 
 
+# options that change neither the result nor the decisions: a resume may differ in these
+RESUME_FREE = ("resume", "progress", "threads", "device")
+
+
+def _check_same_options(traj_path: Path, was: dict[str, Any], cfg: PruneConfig) -> None:
+    """`--resume` continues the same run: refuse options that would give another result."""
+    now = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+    changed = [f"{k} {was[k]!r} -> {v!r}" for k, v in now.items() if k in was and was[k] != v]
+    if changed:
+        raise ConfigError(
+            f"--resume would change the run in {traj_path.parent} ({'; '.join(changed)}): resume with the "
+            "first run's options, or prune into a new --out"
+        )
+
+
 def _prune_run(cfg: PruneConfig) -> dict[str, Any]:
     from polyprune.train import seed_everything
 
@@ -417,6 +435,8 @@ def _prune_run(cfg: PruneConfig) -> dict[str, Any]:
         raise ConfigError(
             f"--resume: {run.traj_path} belongs to a run on another model ({traj['config']['model']})"
         )
+    if traj is not None:
+        _check_same_options(run.traj_path, traj.get("config", {}), cfg)
     if traj is None:
         _check_reachable(run)
         traj = _new_trajectory(run)

@@ -1,0 +1,189 @@
+"""Reliability, round two (issue 16): interrupts, clobbered data, hostile numbers, special files.
+
+CLI cases run `polyprune.cli.main` in-process (helpers from test_bad_inputs) unless the exit path
+itself is under test (Ctrl-C), which needs a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_error, assert_ok, cli, eval_args, train_args
+from polyprune.errors import ConfigError
+from polyprune.io import InputSpec, save_model, write_json
+from polyprune.models import build_model
+from polyprune.train import TrainConfig
+
+# ------------------------------------------------------------------------------------------- Ctrl-C
+
+
+def _interrupt(args: list[object], after_file: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Start `polyprune ARGS`, wait until `after_file` exists, send SIGINT, return the finished process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polyprune", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # SIGINT goes to this process alone, as Ctrl-C would to a foreground job
+    )
+    deadline = time.monotonic() + timeout
+    while not after_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"finished before the interrupt: {proc.communicate()}"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_train_is_exit_130_with_a_resume_hint_and_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(data, run)
+    args[args.index("--epochs") + 1] = 10_000  # runs until interrupted
+    r = _interrupt(args, run / "checkpoint" / "last.safetensors")
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("interrupted: polyprune train") and "--resume" in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr
+    done = json.loads((run / "history.json").read_text())["history"]
+    assert done, "the finished epochs are recorded"
+    # the same options with --resume continue after the last finished epoch (here: end at 2 more)
+    cfg_epochs = len(done) + 2
+    args[args.index("--epochs") + 1] = cfg_epochs
+    # a changed --epochs would bend the schedule and is refused: resume needs the first run's options
+    r2 = subprocess.run(
+        [sys.executable, "-m", "polyprune", *map(str, [*args, "--resume"])], capture_output=True, text=True
+    )
+    assert r2.returncode == 2 and "would change the schedule" in r2.stderr
+
+
+# ---------------------------------------------------------------------------------- numbers and JSON
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--lr", "inf", "lr must be a finite number"),
+        ("--lr", "nan", "lr must be a finite number"),
+        ("--lr", "-1", "lr must be a finite number"),
+        ("--weight-decay", "-1", "weight_decay must be a finite number"),
+        ("--threads", "-1", "threads must be an int 1..1024"),
+        ("--workers", "-1", "workers must be an int 0..256"),
+        ("--seed", "-1", "seed must be an int 0..2147483647"),
+        ("--seed", str(2**70), "seed must be an int 0..2147483647"),
+        ("--batch", "0", "batch must be an int 1..4096"),
+        ("--warmup", "1.5", "warmup must be a finite number in [0, 1)"),
+    ],
+)
+def test_bad_numbers_in_train_are_one_line(option, value, words, data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert_error(cli(capsys, *train_args(data, run, option, value)), words)  # the last value counts
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [("--batch", "0", "batch must be"), ("--lr", "inf", "lr must be"), ("--seed", "-1", "seed must be")],
+)
+def test_bad_numbers_in_prune_are_one_line(option, value, words, data, model_file, tmp_path, capsys):
+    args = ["prune", "--model", model_file, "--data", data, "--out", tmp_path / "p", "--target-params", 0.5]
+    assert_error(cli(capsys, *args, "--threads", 1, "-q", option, value), words)
+
+
+def test_train_config_checks_its_numbers_for_the_python_api():
+    with pytest.raises(ConfigError, match="lr must be a finite number"):
+        TrainConfig(data=["x"], out="y", lr=float("inf"))
+    with pytest.raises(ConfigError, match="epochs must be an int"):
+        TrainConfig(data=["x"], out="y", epochs=0)
+
+
+def test_weights_that_turn_inf_are_never_saved(data, tmp_path, capsys, monkeypatch):
+    """A finite loss can still step weights to inf (a huge lr): the epoch ends in one error line."""
+    import torch
+
+    step = torch.optim.AdamW.step
+
+    def poisoned(self, *a, **k):
+        out = step(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    run = tmp_path / "run"
+    line = assert_error(cli(capsys, *train_args(data, run)), "NaN/inf")
+    assert "lower --lr" in line
+    assert not (run / "model.safetensors").exists()
+
+
+def test_json_output_is_strict_nan_becomes_null(tmp_path):
+    path = write_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": 2.5})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": 2.5}
+
+
+def test_json_to_a_full_stdout_is_one_line(data, model_file, tmp_path):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(
+            [sys.executable, "-m", "polyprune", *map(str, eval_args(data, model_file, "--json", "-"))],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: cannot write the JSON result to stdout")
+
+
+# ------------------------------------------------------------------------------------- special files
+
+
+def test_json_into_a_fifo_writes_through_and_keeps_the_fifo(data, model_file, tmp_path, capsys):
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    assert_ok(cli(capsys, *eval_args(data, model_file, "--json", fifo)))
+    got = json.loads(reader.communicate(timeout=30)[0])
+    assert "ds" in got and fifo.is_fifo()
+
+
+def test_json_through_a_symlink_keeps_the_link(data, model_file, tmp_path, capsys):
+    target, link = tmp_path / "real.json", tmp_path / "link.json"
+    link.symlink_to(target)
+    assert_ok(cli(capsys, *eval_args(data, model_file, "--json", link)))
+    assert link.is_symlink() and json.loads(target.read_text())["ds"]["n_images"] > 0
+
+
+def test_dev_full_is_never_replaced(data, model_file, capsys):
+    before = os.stat("/dev/full")
+    assert_error(cli(capsys, *eval_args(data, model_file, "--json", "/dev/full")), "/dev/full")
+    after = os.stat("/dev/full")
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert not math.isnan(0.0)  # /dev/full stayed a character device (checked above)
+
+
+# ------------------------------------------------------------------------------------ prune --resume
+
+
+def test_prune_resume_with_changed_target_or_criterion_is_refused(data, tmp_path, capsys):
+    parent = save_model(
+        tmp_path / "parent.safetensors", build_model("unet", base_width=4), input_spec=InputSpec(size=32)
+    )
+    base = ["prune", "--model", parent, "--data", data, "--out", tmp_path / "p", "--finetune-iters", 1,
+            "--n-images", 2, "--batch", 2, "--threads", 1, "-q"]  # fmt: skip
+    assert_ok(cli(capsys, *base, "--target-params", 0.7))
+    line = assert_error(
+        cli(capsys, *base, "--target-params", 0.5, "--criterion", "l1", "--resume"), "--resume"
+    )
+    assert "target_params 0.7 -> 0.5" in line and "criterion 'taylor-gradnorm' -> 'l1'" in line
+    assert_ok(cli(capsys, *base, "--target-params", 0.7, "--resume"))  # the same options resume
