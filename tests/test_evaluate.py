@@ -113,8 +113,13 @@ def test_missing_prediction_names_the_file(dataset, tmp_path):
 def test_ids_file_restricts_and_no_match_is_an_error(dataset, tmp_path):
     preds = _gt_preds(dataset, tmp_path / "preds")
     ids = tmp_path / "ids.txt"
-    ids.write_text("a1\na3\nzz_not_here\n")
+    ids.write_text("a1\na3\n")
     assert evaluate_predictions(preds, [dataset], ids_file=ids, progress=False)["tiny"]["n_images"] == 2
+    ids.write_text("a1\na3\nzz_not_here\n")  # an id in no dataset: scoring 2 of 3 silently is wrong
+    with pytest.raises(
+        DataError, match=r"1 of the 3 ids in .*ids\.txt are in no --data folder, e\.g\. zz_not_here"
+    ):
+        evaluate_predictions(preds, [dataset], ids_file=ids, progress=False)
     ids.write_text("x1\nx2\n")
     with pytest.raises(DataError, match=r"none of the 2 ids in .*ids\.txt is in .*tiny"):
         evaluate_predictions(preds, [dataset], ids_file=ids, progress=False)

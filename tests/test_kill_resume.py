@@ -128,11 +128,11 @@ def kill(proc: subprocess.Popen) -> None:
 
 
 def check_tree(root: Path) -> None:
-    """After a kill: final files parse; anything else is a hidden temporary file."""
+    """After a kill: final files parse; anything else is a hidden temporary file or the run's lock."""
     for p in root.rglob("*"):
         if p.is_file():
             if p.name.startswith("."):
-                assert p.name.endswith(".tmp"), p
+                assert p.name.endswith(".tmp") or p == root / ".lock", p
             else:
                 _parse(p)
 

@@ -172,5 +172,5 @@ def test_cli_prune(parent, synth_dir, tmp_path, monkeypatch, capsys):
     assert s["child"]["params"] <= 0.6 * s["parent"]["params"] and Path(s["model"]).is_file()
     code, _, err = _cli(monkeypatch, capsys, *common, "--target-params", "0.6", "--target-macs", "0.5", "-q")
     assert code == 2 and err.count("\n") == 1 and "exactly one target" in err
-    code, _, err = _cli(monkeypatch, capsys, *common, "--target-macs", "0.0001", "-q")
+    code, _, err = _cli(monkeypatch, capsys, *common, "--target-macs", "0.0001", "-q", "--overwrite")
     assert code == 2 and err.startswith("error: target macs 0.0001") and err.count("\n") == 1

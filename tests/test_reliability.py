@@ -187,3 +187,139 @@ def test_prune_resume_with_changed_target_or_criterion_is_refused(data, tmp_path
     )
     assert "target_params 0.7 -> 0.5" in line and "criterion 'taylor-gradnorm' -> 'l1'" in line
     assert_ok(cli(capsys, *base, "--target-params", 0.7, "--resume"))  # the same options resume
+
+
+# ------------------------------------------------------------------------------ data and runs clobbered
+
+
+def _predict(model, source, out):
+    return ["predict", "--model", model, "--source", source, "--out", out, "--threads", 1, "-q"]
+
+
+@pytest.mark.parametrize("where", ["source", "inside-source", "dataset-root", "masks-folder"])
+def test_predict_never_writes_over_the_users_data(where, data, model_file, capsys):
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    source = data / "images"
+    out = {
+        "source": source,
+        "inside-source": source / "preds",
+        "dataset-root": data,  # out/masks/<stem>.png would land on the ground truth
+        "masks-folder": data / "masks",
+    }[where]
+    assert_error(cli(capsys, *_predict(model_file, source, out)), "--out")
+    after = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_predict_into_its_own_earlier_output_is_fine(data, model_file, tmp_path, capsys):
+    out = tmp_path / "preds"
+    assert_ok(cli(capsys, *_predict(model_file, data / "images", out)))
+    assert_ok(cli(capsys, *_predict(model_file, data / "images", out)))  # predict.json marks it ours
+
+
+def test_train_refuses_a_non_empty_run_folder_without_resume_or_overwrite(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert_ok(cli(capsys, *train_args(data, run)))
+    first = (run / "model.safetensors").read_bytes()
+    assert_error(cli(capsys, *train_args(data, run)), "not empty", "--overwrite")
+    assert (run / "model.safetensors").read_bytes() == first
+    (run / "stray.txt").write_text("from the first run")
+    assert_ok(cli(capsys, *train_args(data, run, "--overwrite")))
+    assert not (run / "stray.txt").exists() and (run / "model.safetensors").is_file()
+
+
+def test_overwrite_never_clears_a_folder_that_is_not_a_run(data, tmp_path, capsys):
+    folder = tmp_path / "my_stuff"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    assert_error(cli(capsys, *train_args(data, folder, "--overwrite")), "does not look like a polyprune run")
+    assert (folder / "thesis.tex").read_text() == "precious"
+
+
+def test_a_run_folder_held_by_another_process_is_refused(data, tmp_path, capsys):
+    from polyprune.io import run_folder
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from polyprune.io import run_folder\nwith run_folder({str(run)!r}):\n"
+         "    print('held', flush=True)\n    import time; time.sleep(60)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = assert_error(cli(capsys, *train_args(data, run, "--resume")), "another polyprune process")
+        assert f"pid {holder.pid}" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_folder(run, resume=True):  # the kernel dropped the dead holder's lock
+        pass
+
+
+# ---------------------------------------------------------------------------------- silent data mistakes
+
+
+def test_exclude_ids_matching_no_image_is_refused(data, tmp_path, capsys):
+    ids = tmp_path / "test_ids.txt"
+    ids.write_text("cju0u82z3cuma0835wlxrnrjv\ncju15wdt3zla10801odjiw7sy\n")  # Kvasir ids: not in this data
+    run = tmp_path / "run"
+    assert_error(
+        cli(capsys, *train_args(data, run, "--exclude-ids", ids)), "none of the 2 test ids", str(ids)
+    )
+    assert not run.exists()
+
+
+def test_unknown_ids_in_train_are_refused(data, tmp_path, capsys):
+    ids = tmp_path / "ids.txt"
+    first_id = sorted((data / "images").iterdir())[0].stem
+    ids.write_text(f"{first_id}\nnot_an_image\n")
+    assert_error(
+        cli(capsys, *train_args(data, tmp_path / "run", "--ids", ids)), "1 of the 2 ids", "not_an_image"
+    )
+
+
+def test_the_same_data_folder_twice_is_refused(data, tmp_path, capsys):
+    assert_error(cli(capsys, *train_args(data, tmp_path / "run", "--data", data)), "given twice")
+
+
+@pytest.mark.parametrize("label", [1, 2, 100])
+def test_lossless_label_maps_are_read_as_polyp(label, tmp_path):
+    import cv2
+    import numpy as np
+
+    from polyprune.data import read_mask
+
+    m = np.zeros((20, 30), np.uint8)
+    m[5:10, 8:20] = label
+    cv2.imwrite(str(tmp_path / "m.png"), m)
+    got = read_mask(tmp_path / "m.png")
+    assert got.sum() == 60 and set(np.unique(got)) == {0, 1}
+
+
+def test_a_jpeg_label_map_warns_in_one_line(tmp_path):
+    import cv2
+    import numpy as np
+
+    from polyprune.data import read_mask
+
+    m = np.zeros((32, 32), np.uint8)
+    m[8:24, 8:24] = 100
+    cv2.imwrite(str(tmp_path / "m.jpg"), m)
+    with pytest.warns(UserWarning, match="no value above 127"):
+        assert read_mask(tmp_path / "m.jpg").sum() == 0
+
+
+def test_prediction_maps_of_another_aspect_ratio_warn(data, tmp_path):
+    import cv2
+    import numpy as np
+
+    from polyprune.evaluate import evaluate_predictions
+
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for p in (data / "masks").iterdir():
+        cv2.imwrite(str(preds / f"{p.stem}.png"), np.zeros((40, 80), np.uint8))  # GT is 64 x 64
+    with pytest.warns(UserWarning, match="another aspect ratio"):
+        res = evaluate_predictions(preds, [data], progress=False)
+    assert len(res.meta["reshaped"]) == len(list((data / "masks").iterdir()))

@@ -30,6 +30,9 @@ JsonOut = Annotated[
     typer.Option("--json", metavar="OUT", help="Write the result as JSON to OUT ('-': stdout, for scripts)."),
 ]
 Seed = Annotated[int, typer.Option(help="Random seed: the same seed gives the same result.")]
+Overwrite = Annotated[
+    bool, typer.Option(help="Clear a non-empty run folder first (without it, such a folder is refused).")
+]
 Threads = Annotated[int | None, typer.Option(help="torch threads (default: all cores).")]
 
 
@@ -125,6 +128,7 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue from RUN/checkpoint after the last finished epoch.")
     ] = False,
+    overwrite: Overwrite = False,
     skip_bad: Annotated[
         bool, typer.Option(help="Skip unreadable pairs with a warning instead of failing.")
     ] = False,
@@ -159,6 +163,7 @@ def train(
         precision=precision,
         workers=workers,
         resume=resume,
+        overwrite=overwrite,
         skip_bad=skip_bad,
         progress=not (quiet or json_out == "-"),
     )
@@ -328,6 +333,7 @@ def prune(
         str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 on CUDA, fp32 on CPU)")
     ] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue after the last completed step in RUN.")] = False,
+    overwrite: Overwrite = False,
     skip_bad: Annotated[
         bool, typer.Option(help="Skip unreadable pairs with a warning instead of failing.")
     ] = False,
@@ -375,6 +381,7 @@ def prune(
         val_fraction=val_fraction,
         skip_bad=skip_bad,
         resume=resume,
+        overwrite=overwrite,
         progress=not (quiet or json_out == "-"),
     )
     s = prune_run(cfg)

@@ -339,9 +339,11 @@ def read_image(path: str | Path) -> np.ndarray:
 def read_mask(path: str | Path) -> np.ndarray:
     """A mask file as uint8 (H, W) in {0, 1}: colour -> max over channels, 16-bit -> 8-bit, > 127.
 
-    A lossless mask whose values are all 0 or 1 is a label map (common outside Kvasir/CVC) and is
-    kept as is; thresholding it at 127 would silently empty it. JPEG masks are always thresholded:
-    their compression noise near 0 is not a label.
+    The rule: a value > 127 is polyp. A lossless mask (PNG, TIFF, BMP) whose values are all <= 127
+    but not all 0 is a label map ({0,1}, {0,2}, {0,100}: common outside Kvasir/CVC): there every
+    nonzero pixel is polyp, since thresholding it at 127 would silently empty it. JPEG masks are always
+    thresholded (their compression noise near 0 is not a label); one whose maximum is 32..127 gets a
+    warning, as it looks like a label map saved as JPEG.
     """
     path = Path(path)
     m = _decode(path, "mask")
@@ -349,8 +351,11 @@ def read_mask(path: str | Path) -> np.ndarray:
         m = m[..., 3]  # black colour, the mask drawn in the alpha channel
     elif m.ndim == 3:
         m = m[..., 0] if m.shape[2] == 2 else m[..., :3].max(axis=2)
-    if path.suffix.lower() not in (".jpg", ".jpeg") and m.max() == 1:
-        return np.ascontiguousarray(m, dtype=np.uint8)
+    top = int(m.max())
+    if path.suffix.lower() not in (".jpg", ".jpeg") and 0 < top <= 127:
+        return (m > 0).astype(np.uint8)  # a lossless label map ({0,1}, {0,2}, {0,100}, ...): nonzero is polyp
+    if path.suffix.lower() in (".jpg", ".jpeg") and 32 <= top <= 127:
+        _warn(f"mask {path} has no value above 127 (max {top}): read as empty; a label map saved as JPEG?")
     return (m > 127).astype(np.uint8)
 
 

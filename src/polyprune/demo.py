@@ -204,6 +204,7 @@ def run_demo(
             augment=cfg.augment,
             threads=threads,
             precision=cfg.precision,
+            overwrite=True,  # the demo owns its folders: a second `make demo` starts over
             progress=progress,
         )
     )
@@ -235,6 +236,7 @@ def run_demo(
             threads=threads,
             precision=cfg.precision,
             val_fraction=cfg.val_fraction,
+            overwrite=True,
             progress=progress,
         )
     )

@@ -94,6 +94,23 @@ def _select(root: Path, ids: list[str] | None, ids_file: str | Path | None, skip
     return samples
 
 
+def _select_all(
+    datasets: list[tuple[str, Path]], ids: list[str] | None, ids_file: str | Path | None, skip_bad: bool
+) -> dict[str, list[Sample]]:
+    """The pairs to score per dataset; an id of the split file found in none of them is a DataError
+    (scoring 1 of 2 wanted images without a word is a silently wrong number)."""
+    selected = {name: _select(root, ids, ids_file, skip_bad) for name, root in datasets}
+    if ids is not None:
+        found = {s.id for samples in selected.values() for s in samples}
+        absent = [i for i in ids if i not in found]
+        if absent:
+            raise DataError(
+                f"{len(absent)} of the {len(ids)} ids in {ids_file} are in no --data folder, e.g. "
+                f"{', '.join(absent[:3])}"
+            )
+    return selected
+
+
 # --------------------------------------------------------------------------------------------- files
 
 
@@ -205,8 +222,9 @@ def evaluate_model(
         }
     )
     meters: dict[str, SegmentationMeter] = {}
+    selected = _select_all(datasets, ids, ids_file, skip_bad)
     for name, root in datasets:
-        samples = _select(root, ids, ids_file, skip_bad)
+        samples = selected[name]
         meter, skipped, t0 = SegmentationMeter(), [], time.perf_counter()
         with progress_bar(total=len(samples), desc=f"evaluate {name}", enabled=progress) as bar:
             for s in samples:
@@ -268,8 +286,10 @@ def evaluate_predictions(
         }
     )
     meters: dict[str, SegmentationMeter] = {}
-    for name, root in datasets:
-        samples = _select(root, ids, ids_file, skip_bad)
+    selected = _select_all(datasets, ids, ids_file, skip_bad)
+    reshaped: list[str] = []
+    for name, _root in datasets:
+        samples = selected[name]
         folder = pred_dir / name if (pred_dir / name).is_dir() else pred_dir
         missing = [folder / f"{s.id}.png" for s in samples if not (folder / f"{s.id}.png").is_file()]
         if missing:  # check all first: fail before minutes of scoring, and say how many
@@ -279,11 +299,25 @@ def evaluate_predictions(
         with progress_bar(total=len(samples), desc=f"score {name}", enabled=progress) as bar:
             for s in samples:
                 gt = read_mask(s.mask)
-                meter.step(_resize_to(read_prediction(folder / f"{s.id}.png"), gt.shape), gt, s.id)
+                pred = read_prediction(folder / f"{s.id}.png")
+                if (
+                    abs(pred.shape[0] / pred.shape[1] - gt.shape[0] / gt.shape[1])
+                    > 0.01 * gt.shape[0] / gt.shape[1]
+                ):
+                    reshaped.append(f"{name}/{s.id}")  # a map of another image, or cropped: say so
+                meter.step(_resize_to(pred, gt.shape), gt, s.id)
                 bar.advance()
         results[name] = meter.summary()
         results.meta["pred_folders"][name] = str(folder)
         meters[name] = meter
+    if reshaped:
+        warnings.warn(
+            f"{len(reshaped)} prediction maps have another aspect ratio than their ground truth and were "
+            f"stretched to it (e.g. {', '.join(reshaped[:3])}): are they maps of these images?",
+            UserWarning,
+            stacklevel=2,
+        )
+    results.meta["reshaped"] = reshaped
     if out_dir is not None:
         write_outputs(out_dir, results, meters)
     return results

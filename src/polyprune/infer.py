@@ -384,6 +384,7 @@ def predict_path(
         raise ConfigError(f"output folder {out_dir} is a file")
     if queue_size < 1:
         raise ConfigError(f"queue_size must be >= 1, got {queue_size}")
+    check_output_folder(source, out_dir)
     if source.is_file() and source.suffix.lower() in VIDEO_EXTS:
         result = _predict_video(
             predictor, source, out_dir, stream=stream, progress=progress, queue_size=queue_size
@@ -395,6 +396,32 @@ def predict_path(
     result = {"source": str(source), "out": str(out_dir), **predictor.describe(), "stream": stream, **result}
     write_json(out_dir / "predict.json", result)
     return result
+
+
+def check_output_folder(source: Path, out_dir: Path) -> None:
+    """Predictions must never land on the user's data: refuse an --out that is the source folder, lies
+    inside it, or already holds images that an earlier predict did not write (a dataset's masks/, say).
+    """
+    from polyprune.data import IMAGE_EXTS
+
+    src_root = (source if source.is_dir() else source.parent).resolve()
+    out = out_dir.resolve()
+    if source.is_dir() and (out == src_root or src_root in out.parents):
+        raise ConfigError(
+            f"--out {out_dir} is inside the source folder {source}: predictions would mix with it"
+        )
+    if not out.is_dir() or (out / "predict.json").is_file():  # new, or an earlier predict's folder
+        return
+    folders = [out, out / "masks", out / "overlays"]
+    foreign = next(
+        (p for f in folders if f.is_dir() for p in f.iterdir() if p.suffix.lower() in IMAGE_EXTS),
+        None,
+    )
+    if foreign is not None:
+        raise ConfigError(
+            f"--out {out_dir} already holds images polyprune did not write ({foreign}): a dataset "
+            "folder? Choose another --out"
+        )
 
 
 def list_images(source: Path) -> list[tuple[str, Path]]:

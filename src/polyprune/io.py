@@ -180,6 +180,69 @@ def _is_special(path: Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
 
 
+RUN_MARKERS = ("model.safetensors", "history.json", "trajectory.json", "checkpoint", "steps")
+
+
+@contextlib.contextmanager
+def run_folder(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Own the run folder `path` while the block runs: one writer at a time, no silent clobbering.
+
+    A folder that already holds files (names starting with "." aside) is refused unless `resume`
+    (continue it) or `overwrite` (clear it first; only a folder that looks like a polyprune run, so a
+    mistyped --out never empties someone's data). An exclusive flock on `path/.lock` keeps a second
+    process out until this one ends, killed ones included: the kernel drops the lock with the process.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"run folder {path} is a file")
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
+    if entries and not resume:
+        names = ", ".join(p.name for p in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        if not overwrite:
+            raise OutputError(
+                f"run folder {path} is not empty ({names}): continue it with --resume, clear it with "
+                "--overwrite, or choose a new --out"
+            )
+        if not any((path / m).exists() for m in RUN_MARKERS):
+            raise OutputError(
+                f"--overwrite refused: {path} does not look like a polyprune run folder (it holds {names}, "
+                f"none of {', '.join(RUN_MARKERS)})"
+            )
+    import fcntl  # POSIX only, like the rest of the run-folder handling
+
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)  # unbuffered: held until the end
+    except OSError as exc:
+        _raise_output_error(path / ".lock", exc)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "?"
+            raise OutputError(
+                f"run folder {path} is being written by another polyprune process (pid {holder}); "
+                "wait for it to end or choose another --out"
+            ) from None
+        with contextlib.suppress(OSError):  # the pid is for the message above only (a full disk: none)
+            os.ftruncate(lock, 0)
+            os.pwrite(lock, str(os.getpid()).encode(), 0)
+        if entries and overwrite and not resume:
+            import shutil
+
+            for p in entries:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        yield path
+    finally:
+        # a run that failed before writing anything leaves no folder behind (only one it made itself)
+        if created and [p.name for p in path.iterdir()] == [".lock"]:
+            with contextlib.suppress(OSError):
+                (path / ".lock").unlink()
+                path.rmdir()
+        os.close(lock)  # closing drops the flock
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from polyprune import distributed as dist_utils
 from polyprune.checks import check_choice, check_int, check_number, check_seed, check_size, check_threads
 from polyprune.errors import ConfigError, ModelFileError, TrainingError
-from polyprune.io import InputSpec, save_model, save_tensors, write_json
+from polyprune.io import InputSpec, run_folder, save_model, save_tensors, write_json
 from polyprune.progress import is_main_process, log, progress_bar
 
 MAX_BAD_STEPS = 20
@@ -128,9 +129,15 @@ def make_datasets(
         if exclude_ids_file
         else None
     )
+    resolved = [Path(d).resolve() for d in data_dirs]
+    twice = next((d for i, d in enumerate(data_dirs) if resolved[i] in resolved[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"dataset folder given twice: {twice} (its images would count double)")
+    found = {d: find_samples(d, skip_bad=skip_bad) for d in data_dirs}
+    _check_split_ids(found, ids_file, exclude_ids_file)
     train_parts, val_parts = [], []
     for d in data_dirs:
-        samples = find_samples(d, skip_bad=skip_bad)
+        samples = found[d]
         if only:
             samples = [s for s in samples if s.id in only]
         if excluded:
@@ -153,6 +160,36 @@ def make_datasets(
         (val_parts[0] if len(val_parts) == 1 else EpochConcat(val_parts)) if val_parts else EpochConcat([])
     )
     return train_ds, val_ds
+
+
+def _as_files(spec: str | Path | list | None) -> list[str | Path]:
+    return spec if isinstance(spec, list) else [spec] if spec else []
+
+
+def _check_split_ids(
+    found: dict, ids_file: str | Path | list | None, exclude_ids_file: str | Path | list | None
+) -> None:
+    """A split file must match the data: test ids that match no image would leak the real test images
+    into training (a wrong file, or ids of another dataset); unknown --ids are dropped images."""
+    from polyprune.data import read_ids
+    from polyprune.errors import DataError
+
+    present = {s.id for samples in found.values() for s in samples}
+    folders = ", ".join(str(d) for d in found)
+    for f in _as_files(exclude_ids_file):
+        ids = read_ids(f)
+        if not any(i in present for i in ids):
+            raise DataError(
+                f"none of the {len(ids)} test ids in {f} matches an image in {folders}: training would "
+                "use the test images it should leave out (wrong split file?)"
+            )
+    for f in _as_files(ids_file):
+        ids = read_ids(f)
+        absent = [i for i in ids if i not in present]
+        if absent:
+            raise DataError(
+                f"{len(absent)} of the {len(ids)} ids in {f} are in no --data folder, e.g. {', '.join(absent[:3])}"
+            )
 
 
 class EpochConcat(ConcatDataset):
@@ -545,6 +582,7 @@ class TrainConfig:
     precision: str = "auto"
     workers: int = 0
     resume: bool = False
+    overwrite: bool = False  # clear a non-empty run folder instead of refusing it
     skip_bad: bool = False
     progress: bool = True
 
@@ -582,8 +620,19 @@ def build_training_model(cfg: TrainConfig) -> nn.Module:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """`polyprune train`: build a UNet, fit it, write RUN/model.safetensors + history.json.
 
-    Returns a summary: best validation Dice, epochs, minutes, params, MACs, paths.
+    Returns a summary: best validation Dice, epochs, minutes, params, MACs, paths. The run folder is
+    held (`io.run_folder`) by rank 0 while training: not empty -> refused unless resume / overwrite.
     """
+    claim = (
+        run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+        if dist_utils.rank() == 0
+        else contextlib.nullcontext()
+    )
+    with claim:
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     from polyprune.profile import count_macs, count_params
 
     check_size(cfg.size)
@@ -608,7 +657,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = build_training_model(cfg)
     check_size(cfg.size, int(getattr(model, "stride", 16)))
     params, macs = count_params(model), count_macs(model, cfg.size)
-    train_meta = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")}
+    train_meta = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "overwrite")}
     train_meta.update(n_train=len(train_ds), n_val=len(val_ds))
     what = f"UNet width {cfg.width}" if cfg.arch == "unet" else f"{cfg.arch} (pretrained: {cfg.pretrained})"
     log(

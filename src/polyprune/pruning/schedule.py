@@ -28,6 +28,7 @@ loudly on any mismatch. Only rank 0 writes RUN/; the other ranks read step files
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader, Subset
 
 from polyprune import distributed as dist_utils
 from polyprune.errors import ConfigError, TargetError
-from polyprune.io import load_model, read_json, save_model, write_json
+from polyprune.io import load_model, read_json, run_folder, save_model, write_json
 from polyprune.profile import count_params
 from polyprune.progress import is_main_process, log, progress_bar
 from polyprune.pruning.engine import SCOPES, count_macs, layer_widths, prune_model
@@ -87,6 +88,7 @@ class PruneConfig:
     val_fraction: float = 0.1
     skip_bad: bool = False
     resume: bool = False
+    overwrite: bool = False  # clear a non-empty run folder instead of refusing it
     progress: bool = True
 
 
@@ -312,7 +314,7 @@ def _new_trajectory(run: _Run) -> dict[str, Any]:
             "val_dice": d0,
             "size": run.size,
         },
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")},
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "progress")},
         "options": {
             k: getattr(cfg, k)
             for k in (
@@ -401,7 +403,13 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
     """
     check_config(cfg)
     owned = dist_utils.setup(cfg.device)
-    summary = _prune_run(cfg)
+    claim = (
+        run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+        if dist_utils.rank() == 0
+        else contextlib.nullcontext()
+    )
+    with claim:
+        summary = _prune_run(cfg)
     dist_utils.barrier()
     if owned:
         dist_utils.teardown()
@@ -409,7 +417,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
 
 
 # options that change neither the result nor the decisions: a resume may differ in these
-RESUME_FREE = ("resume", "progress", "threads", "device")
+RESUME_FREE = ("resume", "overwrite", "progress", "threads", "device")
 
 
 def _check_same_options(traj_path: Path, was: dict[str, Any], cfg: PruneConfig) -> None:
