@@ -323,3 +323,34 @@ def test_prediction_maps_of_another_aspect_ratio_warn(data, tmp_path):
     with pytest.warns(UserWarning, match="another aspect ratio"):
         res = evaluate_predictions(preds, [data], progress=False)
     assert len(res.meta["reshaped"]) == len(list((data / "masks").iterdir()))
+
+
+# ------------------------------------------------------------------------------------- out of memory
+
+
+def test_a_training_step_too_big_for_memory_is_refused_before_allocating(data, tmp_path, capsys):
+    t0 = time.monotonic()
+    line = assert_error(
+        cli(capsys, *train_args(data, tmp_path / "run", "--size", 4096, "--width", 64)), "GiB"
+    )
+    assert "lower --size" in line and time.monotonic() - t0 < 30  # estimated on the meta device
+    assert_error(cli(capsys, *train_args(data, tmp_path / "run", "--size", 16000)), "at most 4096")
+    assert_error(cli(capsys, *train_args(data, tmp_path / "run", "--width", 10**9)), "width must be an int")
+
+
+def test_a_30000_px_image_is_refused_not_decoded(tmp_path):
+    import cv2
+    import numpy as np
+
+    from polyprune.data import read_image
+    from polyprune.errors import DataError
+
+    ok, buf = cv2.imencode(".png", np.zeros((30000, 30000), np.uint8))  # 900 Mpx, ~1 MB compressed
+    (tmp_path / "huge.png").write_bytes(buf.tobytes())
+    with pytest.raises(DataError, match="OPENCV_IO_MAX_IMAGE_PIXELS"):
+        read_image(tmp_path / "huge.png")
+
+
+def test_benchmark_size_beyond_the_bound_is_one_line(model_file, capsys):
+    args = ["benchmark", "--model", model_file, "--size", 16000, "--backend", "torch", "--runs", 1, "-q"]
+    assert_error(cli(capsys, *args), "at most 4096")

@@ -7,9 +7,13 @@ The public API is small on purpose:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+MAX_IMAGE_PIXELS = 2**26  # 64 Mpx (8192 x 8192): 7x a 4K frame; a 30000 x 30000 PNG is refused, not decoded
+# OpenCV reads this when cv2 is first imported (every polyprune module imports cv2 after this one)
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 
 _LAZY = {
     "build_model": "polyprune.models",

@@ -14,6 +14,9 @@ from polyprune.errors import ConfigError
 MAX_SEED = 2**31 - 1  # numpy, torch and Python's random all take it; seed * 100_003 + epoch stays in int64
 
 
+MAX_SIZE = 4096  # px, for options and model files alike (io.MAX_INPUT_SIZE)
+
+
 def check_size(size: Any, stride: int = 16) -> int:
     """A model input size must be a positive multiple of `stride` (the model's downsampling); return it."""
     if (
@@ -24,6 +27,8 @@ def check_size(size: Any, stride: int = 16) -> int:
         or size % stride
     ):
         raise ConfigError(f"size must be a positive multiple of {stride}, got {size}")
+    if size > MAX_SIZE:
+        raise ConfigError(f"size must be at most {MAX_SIZE} px, got {size}")
     return int(size)
 
 

@@ -623,6 +623,9 @@ def _main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _interrupted()
+    except MemoryError:
+        typer.echo("error: out of memory: lower --size, --batch or the model's width", err=True)
+        sys.exit(2)
     except Exception as exc:  # click's own usage errors (typer 0.29 vendors click as typer._click)
         usage, exit_, abort = _click_exception_types()
         if isinstance(exc, usage):  # one line like every other bad input, with where to look
@@ -635,6 +638,11 @@ def _main() -> None:
             sys.exit(exc.exit_code)
         if isinstance(exc, abort):
             sys.exit(1)
+        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # torch's CPU allocator
+            typer.echo(
+                f"error: out of memory ({_one_line(str(exc))[:160]}): lower --size or --batch", err=True
+            )
+            sys.exit(2)
         raise
     if rv == 130:  # typer turns KeyboardInterrupt into Exit(130), returned in this mode
         _interrupted()

@@ -305,7 +305,8 @@ def _decode(path: str | Path, what: str) -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff") and (img is None or img.ndim == 2):
             img = _tiff_samples(data, img)
     if img is None or img.size == 0:
-        raise DataError(f"cannot decode {what}: {path}")
+        why = " (or it is over OpenCV's OPENCV_IO_MAX_IMAGE_PIXELS limit)" if len(data) > 2**16 else ""
+        raise DataError(f"cannot decode {what}: {path}{why}")
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[..., 0]
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (2, 3, 4)):

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from polyprune.checks import check_size
 from polyprune.errors import ConfigError, ModelFileError
 from polyprune.io import FORMAT_VERSION, InputSpec, _short, atomic_path, load_model, model_arch
 
@@ -166,9 +167,7 @@ def _resolve_model(
 
 
 def _check_size(model: nn.Module, size: int) -> None:
-    stride = int(getattr(model, "stride", 1))
-    if size < 1 or size % stride:
-        raise ConfigError(f"size {size} must be a positive multiple of {stride} (the model's stride)")
+    check_size(size, int(getattr(model, "stride", 1)))
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -35,11 +35,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from polyprune.checks import MAX_SIZE
 from polyprune.errors import DataError, ModelFileError, OutputError
 
 FORMAT_VERSION = "1"
 SUPPORTED_VERSIONS = ("1",)
-MAX_INPUT_SIZE = 4096  # px: a model input beyond this is a hostile or broken file, not a real model
+MAX_INPUT_SIZE = MAX_SIZE  # px: a model input beyond this is a hostile or broken file, not a real model
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

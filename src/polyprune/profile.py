@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from polyprune.checks import check_size
 from polyprune.errors import ConfigError
 from polyprune.io import InputSpec
 
@@ -53,6 +54,53 @@ def count_macs(model: nn.Module, size: int | tuple[int, int], in_channels: int =
         model(torch.zeros(1, in_channels, h, w, device=device))
     model.train(was_training)
     return int(counter.get_total_flops() // 2)
+
+
+@torch.no_grad()
+def training_memory_bytes(model: nn.Module, size: int, batch: int) -> int:
+    """A rough peak of one training step: every leaf module's output kept for backward (fp32) x batch,
+    plus weights, gradients and AdamW's two moments. Works on a meta-device model (nothing allocated)."""
+    total = 0
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total * 4 * batch + count_params(model) * 4 * 4
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_training_memory(model: nn.Module, size: int, batch: int) -> int:
+    """ConfigError if a training step at `size` x `batch` would not fit in the memory left (estimate)."""
+    need, avail = training_memory_bytes(model, size, batch), available_memory_bytes()
+    if avail is not None and need > 0.9 * avail:
+        raise ConfigError(
+            f"training at size {size} with batch {batch} needs about {need / 2**30:.1f} GiB, more than the "
+            f"{avail / 2**30:.1f} GiB of memory available: lower --size, --batch or the model's width"
+        )
+    return need
 
 
 @dataclass
@@ -313,8 +361,7 @@ def benchmark_models(
                 ref = load_model(path)
             stride = int(getattr(ref, "stride", 1)) if ref is not None else 1
             for size in sizes:
-                if size < 1 or size % stride:
-                    raise ConfigError(f"size {size} must be a positive multiple of {stride} for {path}")
+                check_size(size, stride)
                 params = count_params(ref) if ref is not None else None
                 macs = count_macs(ref, size) if ref is not None else None
                 onnx_path = path

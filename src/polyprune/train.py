@@ -25,7 +25,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,7 @@ def make_datasets(
         raise ConfigError(f"dataset folder given twice: {twice} (its images would count double)")
     found = {d: find_samples(d, skip_bad=skip_bad) for d in data_dirs}
     _check_split_ids(found, ids_file, exclude_ids_file)
+    _check_data_memory(sum(len(v) for v in found.values()), spec.size)
     train_parts, val_parts = [], []
     for d in data_dirs:
         samples = found[d]
@@ -160,6 +161,18 @@ def make_datasets(
         (val_parts[0] if len(val_parts) == 1 else EpochConcat(val_parts)) if val_parts else EpochConcat([])
     )
     return train_ds, val_ds
+
+
+def _check_data_memory(n_images: int, size: int) -> None:
+    """The decoded set is held in memory (uint8 image + mask at the model size): refuse what cannot fit."""
+    from polyprune.profile import available_memory_bytes
+
+    need, avail = n_images * size * size * 4, available_memory_bytes()
+    if avail is not None and need > 0.8 * avail:
+        raise ConfigError(
+            f"{n_images} images at size {size} take {need / 2**30:.1f} GiB in memory, more than the "
+            f"{avail / 2**30:.1f} GiB available: lower --size"
+        )
 
 
 def _as_files(spec: str | Path | list | None) -> list[str | Path]:
@@ -633,9 +646,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
-    from polyprune.profile import count_macs, count_params
+    from polyprune.profile import check_training_memory, count_macs, count_params
 
     check_size(cfg.size)
+    with torch.device("meta"):  # shapes only: a model or size too big for memory is refused up front
+        skeleton = build_training_model(replace(cfg, pretrained=False))
+    check_size(cfg.size, int(getattr(skeleton, "stride", 16)))
+    check_training_memory(skeleton, cfg.size, cfg.batch)
     dist_utils.setup(cfg.device)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -655,7 +672,6 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         skip_bad=cfg.skip_bad,
     )
     model = build_training_model(cfg)
-    check_size(cfg.size, int(getattr(model, "stride", 16)))
     params, macs = count_params(model), count_macs(model, cfg.size)
     train_meta = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "overwrite")}
     train_meta.update(n_train=len(train_ds), n_val=len(val_ds))

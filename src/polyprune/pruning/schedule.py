@@ -29,6 +29,7 @@ loudly on any mismatch. Only rank 0 writes RUN/; the other ranks read step files
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from polyprune import distributed as dist_utils
+from polyprune.checks import check_size, check_threads
 from polyprune.errors import ConfigError, TargetError
 from polyprune.io import load_model, read_json, run_folder, save_model, write_json
 from polyprune.profile import count_params
@@ -94,7 +96,6 @@ class PruneConfig:
 
 def check_config(cfg: PruneConfig) -> None:
     """ConfigError for any option that cannot work, before anything is loaded."""
-    from polyprune.checks import check_size, check_threads
     from polyprune.train import check_training_numbers
 
     if cfg.size is not None:
@@ -160,7 +161,6 @@ def _latency_fn(backend: str) -> Any:
 
 def measure_latency(model: nn.Module, size: int, backend: str, runs: int, threads: int | None) -> float:
     """Median ms at batch 1; runtimes other than torch get a CPU copy of the model."""
-    import copy
 
     if backend != "torch" and next(model.parameters()).device.type != "cpu":
         model = copy.deepcopy(model).cpu()
@@ -183,11 +183,10 @@ class _Run:
         self.meta = parent.polyprune_meta  # type: ignore[attr-defined]
         self.spec = self.meta.input
         self.size = cfg.size if cfg.size is not None else self.spec.size
-        stride = int(getattr(parent, "stride", 1))
-        if self.size < 1 or self.size % stride:
-            raise ConfigError(
-                f"--size must be a positive multiple of {stride} for this model, got {self.size}"
-            )
+        check_size(self.size, int(getattr(parent, "stride", 1)))
+        from polyprune.profile import check_training_memory
+
+        check_training_memory(copy.deepcopy(parent).to("meta"), self.spec.size, cfg.batch)
         self.train_ds, self.val_ds = make_datasets(
             cfg.data,
             self.spec,
@@ -371,7 +370,6 @@ def _step_target(cfg: PruneConfig, traj: dict[str, Any], current: dict[str, Any]
 
 def _check_reachable(run: _Run) -> None:
     """TargetError now, not after hours of fine-tuning: widths are what limit a params / MACs target."""
-    import copy
 
     cfg = run.cfg
     if cfg.target_params is None and cfg.target_macs is None:
