@@ -345,7 +345,7 @@ def test_a_30000_px_image_is_refused_not_decoded(tmp_path):
     from polyprune.data import read_image
     from polyprune.errors import DataError
 
-    ok, buf = cv2.imencode(".png", np.zeros((30000, 30000), np.uint8))  # 900 Mpx, ~1 MB compressed
+    _ok, buf = cv2.imencode(".png", np.zeros((30000, 30000), np.uint8))  # 900 Mpx, ~1 MB compressed
     (tmp_path / "huge.png").write_bytes(buf.tobytes())
     with pytest.raises(DataError, match="OPENCV_IO_MAX_IMAGE_PIXELS"):
         read_image(tmp_path / "huge.png")
