@@ -243,3 +243,75 @@ def test_history_accumulates_over_calls_and_replays():
 def test_macs_are_counted_at_the_example_input_size():
     m = _unet()
     assert count_macs(m, torch.zeros(1, 3, 64, 64)) == 4 * count_macs(m, X)
+
+
+# ------------------------------------------------------------------------ users' own networks (issue 16)
+
+
+class _GatedNet(nn.Module):
+    """A 1-channel sigmoid map multiplied into a 16-channel tensor (an attention gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.gate = nn.Conv2d(16, 1, 1)
+        self.c3, self.b3 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 1, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.b2(self.c2(x)))
+        y = y * torch.sigmoid(self.gate(y))
+        return self.head(torch.relu(self.b3(self.c3(y))))
+
+
+class _GroupNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.g1 = nn.Conv2d(3, 64, 3, padding=1), nn.GroupNorm(32, 64)
+        self.c2, self.g2 = nn.Conv2d(64, 64, 3, padding=1), nn.GroupNorm(16, 64)
+        self.head = nn.Conv2d(64, 1, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.g2(self.c2(torch.relu(self.g1(self.c1(x)))))))
+
+
+def _user_loader():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(2, 3, 32, 32, generator=g), (torch.rand(2, 1, 32, 32, generator=g) > 0.5).float())]
+
+
+def test_broadcast_gate_is_left_alone_with_a_warning_and_the_rest_prunes():
+    m = _GatedNet()
+    with pytest.warns(UserWarning, match="not pruning c2, gate"):
+        r = prune_model(m, example_input=torch.randn(1, 3, 32, 32), calibration_loader=_user_loader(),
+                        target={"ratio": 0.3}, round_to=4)  # fmt: skip
+    assert r.widths_after["c2"] == 16 and r.widths_after["gate"] == 1
+    assert r.widths_after["c1"] < 16 or r.widths_after["c3"] < 16
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_groupnorm_widths_stay_multiples_of_its_groups():
+    m = _GroupNormNet()
+    r = prune_model(m, example_input=torch.randn(1, 3, 32, 32), calibration_loader=_user_loader(),
+                    target={"ratio": 0.4}, round_to=1)  # fmt: skip
+    assert r.widths_after["c1"] % 32 == 0 and r.widths_after["c2"] % 16 == 0
+    assert r.widths_after["c2"] < 64
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_save_model_records_the_history_of_a_pruned_user_module(tmp_path):
+    from polyprune.export import export_onnx
+    from polyprune.io import InputSpec, load_model, save_model
+
+    torch.manual_seed(0)
+    m = _GroupNormNet().eval()
+    prune_model(m, example_input=torch.randn(1, 3, 32, 32), calibration_loader=_user_loader(),
+                target={"ratio": 0.4}, round_to=1)  # fmt: skip
+    path = save_model(tmp_path / "mine.safetensors", m, input_spec=InputSpec(size=32))  # no pruning=...
+    back = load_model(path, base_model=_GroupNormNet())
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(back(x), m(x))
+    report = export_onnx(path, tmp_path / "mine.onnx", base_model=_GroupNormNet())
+    assert (tmp_path / "mine.onnx").is_file() and report.max_abs_diff < 1e-4

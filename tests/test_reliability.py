@@ -354,3 +354,39 @@ def test_a_30000_px_image_is_refused_not_decoded(tmp_path):
 def test_benchmark_size_beyond_the_bound_is_one_line(model_file, capsys):
     args = ["benchmark", "--model", model_file, "--size", 16000, "--backend", "torch", "--runs", 1, "-q"]
     assert_error(cli(capsys, *args), "at most 4096")
+
+
+# ------------------------------------------------------------------------------------------ ONNX files
+
+
+def test_foreign_onnx_with_copied_metadata_is_refused(model_file, tmp_path, data, capsys):
+    import onnx
+    import torch
+
+    from polyprune.export import export_onnx
+    from polyprune.infer import Predictor
+
+    good = tmp_path / "good.onnx"
+    export_onnx(model_file, good)
+    foreign = tmp_path / "foreign.onnx"  # 3 output channels at half the size, with polyprune's metadata
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, stride=2, padding=1)).eval()
+    torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(foreign), dynamo=False)
+    proto = onnx.load(str(foreign))
+    for p in onnx.load(str(good)).metadata_props:
+        proto.metadata_props.add(key=p.key, value=p.value)
+    onnx.save(proto, str(foreign))
+    from polyprune.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match="outputs shape"):
+        Predictor(foreign)
+    assert_error(cli(capsys, *eval_args(data, foreign)), "outputs shape", "(N, 1, 32, 32)")
+
+
+def test_benchmark_of_a_static_onnx_runs_at_its_own_size(model_file, tmp_path, capsys):
+    from polyprune.export import export_onnx
+    from polyprune.profile import benchmark_models
+
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(model_file, onnx_path, size=64)  # static 64 px
+    rows = benchmark_models([onnx_path], backends=["onnxruntime"], runs=1, warmup=0)
+    assert [r["size"] for r in rows] == [64]

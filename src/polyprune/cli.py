@@ -469,7 +469,7 @@ def benchmark(
 
     rows = benchmark_models(
         model,
-        sizes=size or [352],
+        sizes=size or None,  # a static .onnx: its own size; else 352
         backends=backend or ["torch", "onnxruntime"],
         threads=threads,
         runs=runs,

@@ -95,12 +95,14 @@ def export_onnx(
     tolerance: float = 1e-4,
     image: str | Path | np.ndarray | None = None,
     input_spec: InputSpec | None = None,
+    base_model: nn.Module | None = None,
 ) -> ExportReport:
     """Export a polyprune model file (or module) to one self-contained .onnx file at `out` (atomic).
 
     `size` defaults to the model's input size; `input_spec` overrides the preprocessing stored with
     the module (needed for a bare module without `polyprune_meta`, else ImageNet defaults are used).
     `image` (a path or an RGB uint8 array) replaces the synthetic image of the real-input check.
+    `base_model`: for a file of a network outside the registry, the unpruned module (as `load_model`).
     Raises ConfigError (bad size / opset / path), ModelFileError (unreadable model, both exporters
     fail, ONNX Runtime cannot load the result, or a diff above `tolerance`: then no file is written).
     """
@@ -108,7 +110,7 @@ def export_onnx(
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ConfigError(f"export target must end in .onnx, got {out}")
-    model, spec, arch, source = _resolve_model(model_or_path, input_spec)
+    model, spec, arch, source = _resolve_model(model_or_path, input_spec, base_model)
     size = spec.size if size is None else int(size)
     _check_size(model, size)
     if not 7 <= opset <= 25:
@@ -152,7 +154,7 @@ def export_onnx(
 
 
 def _resolve_model(
-    model_or_path: str | Path | nn.Module, input_spec: InputSpec | None
+    model_or_path: str | Path | nn.Module, input_spec: InputSpec | None, base_model: nn.Module | None = None
 ) -> tuple[nn.Module, InputSpec, dict[str, Any], str]:
     """(module, input spec, arch JSON, source file name) from a model file or an in-memory module."""
     if isinstance(model_or_path, nn.Module):
@@ -162,7 +164,7 @@ def _resolve_model(
     path = Path(model_or_path)
     if path.suffix.lower() == ".onnx":
         raise ConfigError(f"{path} is already an ONNX file; export needs a .safetensors model file")
-    model = load_model(path)
+    model = load_model(path, base_model=base_model)
     return model, input_spec or model.polyprune_meta.input, model_arch(model), path.name
 
 
@@ -268,6 +270,19 @@ def read_onnx_metadata(path: str | Path) -> OnnxMeta:
     except Exception as exc:  # protobuf DecodeError and friends
         raise ModelFileError(f"{path} is not a readable ONNX file ({_short(exc)})") from exc
     return parse_onnx_metadata({p.key: p.value for p in proto.metadata_props}, path)
+
+
+def onnx_static_size(path: str | Path) -> int | None:
+    """The fixed square input size of an .onnx file, or None where H/W are dynamic."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        dims = proto.graph.input[0].type.tensor_type.shape.dim
+    except Exception:  # unreadable files are reported by whoever opens them next
+        return None
+    hw = [d.dim_value if d.HasField("dim_value") else None for d in dims][2:4]
+    return hw[0] if len(hw) == 2 and hw[0] and hw[0] == hw[1] else None
 
 
 def parse_onnx_metadata(raw: dict[str, str], path: str | Path) -> OnnxMeta:

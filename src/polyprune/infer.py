@@ -184,6 +184,7 @@ class Predictor:
         self._session = ort_session(path, threads)
         inp = self._session.get_inputs()[0]
         self._check_static_shape(path, inp.shape, spec)
+        self._check_output_shape(path, self._session.get_outputs()[0].shape, spec)
         self._input_name = inp.name
         self._batch_fixed = isinstance(inp.shape[0], int)
         self.input_spec = spec
@@ -201,6 +202,8 @@ class Predictor:
         shape = ov_model.inputs[0].get_partial_shape()
         dims = [d.get_length() if d.is_static else None for d in shape]
         self._check_static_shape(path, dims, spec)
+        out_shape = ov_model.outputs[0].get_partial_shape()
+        self._check_output_shape(path, [d.get_length() if d.is_static else None for d in out_shape], spec)
         ov_model.reshape({ov_model.inputs[0].get_any_name(): [1, 3, spec.size, spec.size]})  # static: fastest
         config: dict[str, Any] = {}
         if threads:
@@ -215,6 +218,17 @@ class Predictor:
         self._batch_fixed = True
         self.input_spec = spec
         self._run = self._run_openvino
+
+    @staticmethod
+    def _check_output_shape(path: Path, shape: list[Any], spec: InputSpec) -> None:
+        """(N, 1, H, W) logits at the input size: anything else is not a polyprune model, whatever its
+        metadata claims (a foreign network with copied metadata would "predict" garbage)."""
+        fixed = [d if isinstance(d, int) else None for d in shape]
+        if len(fixed) != 4 or fixed[1] not in (1, None) or any(d not in (spec.size, None) for d in fixed[2:]):
+            raise ModelFileError(
+                f"{path} outputs shape {list(shape)}, not the (N, 1, {spec.size}, {spec.size}) mask logits "
+                "of a polyprune model"
+            )
 
     @staticmethod
     def _check_static_shape(path: Path, shape: list[Any], spec: InputSpec) -> None:

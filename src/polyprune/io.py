@@ -321,6 +321,9 @@ def save_model(
     """Write `model` as one .safetensors file (atomic). `arch` defaults to `model.config()`."""
     module = model.module if hasattr(model, "module") else model  # unwrap DDP
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    recorded = getattr(module, "polyprune_pruning_history", None)
+    if recorded and not (pruning or {}).get("history"):  # prune_model's record: reload needs it
+        pruning = {**(pruning or {}), "history": recorded}
     meta = {
         "polyprune": FORMAT_VERSION,
         "arch": json.dumps(arch if arch is not None else model_arch(module), default=_json_default),
@@ -418,6 +421,7 @@ def load_model(path: str | Path, *, base_model: nn.Module | None = None, device:
             from polyprune.pruning.engine import replay_pruning_history
 
             replay_pruning_history(model, history, input_size=meta.input.size)
+            model.polyprune_pruning_history = list(history)  # pruning it further extends this record
     elif name is None:
         raise ModelFileError(
             f"{path} holds a model outside polyprune's registry ({arch.get('class')}); "

@@ -303,7 +303,7 @@ def model_labels(paths: list[Path]) -> list[str]:
 
 def benchmark_models(
     models: Sequence[str | Path],
-    sizes: Sequence[int] = (352,),
+    sizes: Sequence[int] | None = None,
     backends: str | Sequence[str] = ("torch", "onnxruntime"),
     threads: int | None = None,
     runs: int = 20,
@@ -315,7 +315,8 @@ def benchmark_models(
 
     `models`: .safetensors model files and/or .onnx files (an .onnx file gets no torch row; a model left
     with no row at all is a ConfigError). `threads` None = torch's current thread count, used for every
-    backend. Sizes must be multiples of the model's stride.
+    backend. Sizes must be multiples of the model's stride; None: a static .onnx at its own size, the rest at
+    352.
 
     Row keys: model, name (file stem; file name where two models share a stem), backend, precision,
     size, threads, params, macs, median_ms, p90_ms, min_ms, runs, fps (= 1000 / median_ms),
@@ -343,10 +344,11 @@ def benchmark_models(
 
     labels = model_labels(paths)
     rows: list[dict[str, Any]] = []
-    if not sizes:
+    if sizes is not None and not sizes:
         raise ConfigError("benchmark needs at least one size")
     total = sum(
-        len(sizes) * len([b for b in names if b != "torch" or p.suffix.lower() != ".onnx"]) for p in paths
+        len(sizes or [0]) * len([b for b in names if b != "torch" or p.suffix.lower() != ".onnx"])
+        for p in paths
     )
     with (
         tempfile.TemporaryDirectory(prefix="polyprune-bench-") as tmp,
@@ -360,7 +362,7 @@ def benchmark_models(
             else:
                 ref = load_model(path)
             stride = int(getattr(ref, "stride", 1)) if ref is not None else 1
-            for size in sizes:
+            for size in sizes or [_default_size(path, is_onnx)]:
                 check_size(size, stride)
                 params = count_params(ref) if ref is not None else None
                 macs = count_macs(ref, size) if ref is not None else None
@@ -399,6 +401,16 @@ def benchmark_models(
                     bar.advance()
     _add_ratios(rows)
     return rows
+
+
+DEFAULT_BENCH_SIZE = 352  # the field's input size
+
+
+def _default_size(path: Path, is_onnx: bool) -> int:
+    """No --size: a static .onnx runs at its own size (it cannot run at another), the rest at 352."""
+    from polyprune.export import onnx_static_size
+
+    return (onnx_static_size(path) if is_onnx else None) or DEFAULT_BENCH_SIZE
 
 
 def _build_from_arch(arch: dict[str, Any] | None, build_model: Callable[..., nn.Module]) -> nn.Module | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ class PruneGroup:
     root: str
     size: int
     members: list[tuple[str, list[int], list[int]]]  # (conv name, its channel idxs, matching root idxs)
+    round_to: int = 1  # widths must also be multiples of this (the num_groups of a GroupNorm in the group)
 
 
 @dataclass
@@ -124,13 +126,29 @@ def prunable_groups(
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(_ConvNd,)):
         if _touches_output(dg, group):
             continue
-        members = []
+        members, group_round = [], 1
+        root = group[0].dep.target.module
+        size = dg.get_out_channels(root)
+        broadcast = []
         for item in group:
             mod = item.dep.target.module
+            if isinstance(mod, nn.GroupNorm):  # its channel count must stay a multiple of num_groups
+                group_round = math.lcm(group_round, mod.num_groups)
             if isinstance(mod, _ConvNd) and dg.is_out_channel_pruning_fn(item.dep.handler):
+                if mod.out_channels != size:
+                    broadcast.append(names[mod])
                 members.append((names[mod], list(item.idxs), list(item.root_idxs)))
-        root = group[0].dep.target.module
-        groups.append(PruneGroup(names[root], dg.get_out_channels(root), members))
+        if broadcast:
+            # e.g. a 1-channel attention map multiplied into a C-channel tensor: torch-pruning couples
+            # them element-wise, which no channel choice can honour. Those convs stay as they are.
+            warnings.warn(
+                f"not pruning {', '.join(sorted({names[root], *broadcast}))}: their outputs meet in a "
+                "broadcast (a channel count differs), so they cannot lose channels together",
+                UserWarning,
+                stacklevel=2,
+            )
+            continue
+        groups.append(PruneGroup(names[root], size, members, group_round))
     return groups
 
 
@@ -196,7 +214,8 @@ class _Planner:
         out = {}
         for i, n in wish.items():
             size = self.groups[i].size
-            keep = allowed_width(size, size - n, self.min_channels, self.round_to)
+            step = math.lcm(self.round_to, self.groups[i].round_to)
+            keep = allowed_width(size, size - n, max(self.min_channels, self.groups[i].round_to), step)
             if keep < size:
                 out[i] = sorted(self.order[i][: size - keep])
         return out
@@ -360,6 +379,8 @@ def prune_model(
             lo = mid + 1
     plan = planner.plan(lo)
     history = _apply(model, dg, groups, plan)
+    # the module carries its own history, so save_model records it and load_model can replay it
+    model.polyprune_pruning_history = [*getattr(model, "polyprune_pruning_history", []), *history]
     removed = {groups[i].root: len(idxs) for i, idxs in plan.items()}
     return PruneResult(
         model=model,
