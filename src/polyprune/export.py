@@ -239,17 +239,24 @@ def _torch_export(
 def _write_metadata(
     path: Path, spec: InputSpec, arch: dict[str, Any], *, dynamic: bool, exporter: str, source: str
 ) -> None:
+    set_onnx_metadata(
+        path,
+        {
+            "polyprune": FORMAT_VERSION,
+            "polyprune.input": json.dumps(spec.to_dict()),
+            "polyprune.arch": json.dumps(arch),
+            "polyprune.dynamic": "true" if dynamic else "false",
+            "polyprune.exporter": exporter,
+            "polyprune.source": source,
+        },
+    )
+
+
+def set_onnx_metadata(path: Path, props: dict[str, str]) -> None:
+    """Set `metadata_props` keys of an .onnx file in place (others kept)."""
     import onnx
 
     proto = onnx.load(str(path))
-    props = {
-        "polyprune": FORMAT_VERSION,
-        "polyprune.input": json.dumps(spec.to_dict()),
-        "polyprune.arch": json.dumps(arch),
-        "polyprune.dynamic": "true" if dynamic else "false",
-        "polyprune.exporter": exporter,
-        "polyprune.source": source,
-    }
     kept = [p for p in proto.metadata_props if p.key not in props]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)

@@ -44,6 +44,7 @@ from torch import nn
 from polyprune.data import _quiet_opencv, preprocess_image
 from polyprune.errors import ConfigError, DataError, ModelFileError, OutputError
 from polyprune.io import InputSpec, _short, atomic_path, atomic_write_bytes, load_model, write_json
+from polyprune.quantize import INT8_KEY
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".webm", ".wmv")
@@ -182,6 +183,8 @@ class Predictor:
         from polyprune.export import ort_session
 
         self._session = ort_session(path, threads)
+        if INT8_KEY in self._session.get_modelmeta().custom_metadata_map:
+            self.precision = "int8"
         inp = self._session.get_inputs()[0]
         self._check_static_shape(path, inp.shape, spec)
         self._check_output_shape(path, self._session.get_outputs()[0].shape, spec)

@@ -207,6 +207,29 @@ def onnxruntime_latency(
     )[0]
 
 
+def int8_latency(
+    model: nn.Module,
+    size: int,
+    calib: Sequence[str | Path],
+    *,
+    backend: str = "onnxruntime",
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> Latency:
+    """Latency of the model as it would be deployed in INT8: exported at `size`, quantized statically
+    (ONNX Runtime's quantizer, calibrated on `calib` images), then timed on `backend`."""
+    from polyprune.export import export_onnx
+    from polyprune.quantize import quantize_onnx
+
+    with tempfile.TemporaryDirectory(prefix="polyprune-int8-lat-") as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", size=size, check=False).path
+        quantize_onnx(fp32, Path(tmp) / "int8.onnx", calib, min_agreement=0.0, threads=threads)
+        return _runtime_latency(
+            backend, Path(tmp) / "int8.onnx", size, runs=runs, warmup=warmup, threads=threads
+        )[0]
+
+
 def openvino_latency(
     model_or_onnx_path: str | Path | nn.Module,
     size: int,
@@ -393,6 +416,7 @@ def benchmark_models(
                             "threads": threads,
                             "params": params,
                             "macs": macs,
+                            "file_mb": path.stat().st_size / 2**20,  # what a deployment ships
                             **lat.to_dict(),
                             "peak_rss_mb": mem.peak_mb,
                             "peak_rss_delta_mb": mem.delta_mb,
@@ -471,7 +495,7 @@ def benchmark_table(rows: list[dict[str, Any]]) -> Any:
     table = Table(title="latency at batch 1 (ms)", header_style="bold")
     for col in ("model", "backend", "prec", "size", "params", "GMACs", "median", "p90", "min", "FPS"):
         table.add_column(col, justify="left" if col in ("model", "backend", "prec") else "right")
-    for col in ("mem +MB", "speed-up", "params x", "MACs x"):
+    for col in ("file MB", "mem +MB", "speed-up", "params x", "MACs x"):
         table.add_column(col, justify="right")
 
     def num(v: float | None, fmt: str) -> str:
@@ -489,6 +513,7 @@ def benchmark_table(rows: list[dict[str, Any]]) -> Any:
             num(r["p90_ms"], ".2f"),
             num(r["min_ms"], ".2f"),
             num(r["fps"], ".1f"),
+            num(r.get("file_mb"), ".1f"),
             num(r["peak_rss_delta_mb"], ".0f"),
             num(r["speedup"], ".2f") + ("x" if r["speedup"] else ""),
             num(r["params_ratio"], ".3f"),

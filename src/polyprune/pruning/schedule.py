@@ -67,6 +67,7 @@ class PruneConfig:
     size: int | None = None  # MACs / latency input size; default: the model's own input size
     backend: str = "torch"
     latency_runs: int = 20
+    int8: bool = False  # latency of the INT8 deployment (onnxruntime / openvino backends)
     step_ratio: float = 0.1
     finetune_epochs: int | None = None  # default 1 when finetune_iters is not given
     finetune_iters: int | None = None
@@ -143,6 +144,8 @@ def check_config(cfg: PruneConfig) -> None:
         raise ConfigError(f"--final-epochs must be >= 0, got {cfg.final_epochs}")
     if cfg.n_images < 1:
         raise ConfigError(f"--n-images must be >= 1, got {cfg.n_images}")
+    if cfg.int8 and cfg.backend == "torch":
+        raise ConfigError("--int8 latency needs --backend onnxruntime or openvino (torch runs fp32)")
     if cfg.latency_runs < 1:
         raise ConfigError(f"latency runs must be >= 1, got {cfg.latency_runs}")
     if cfg.max_steps < 1:
@@ -159,13 +162,36 @@ def _latency_fn(backend: str) -> Any:
     return fn
 
 
-def measure_latency(model: nn.Module, size: int, backend: str, runs: int, threads: int | None) -> float:
-    """Median ms at batch 1; runtimes other than torch get a CPU copy of the model."""
+def measure_latency(
+    model: nn.Module,
+    size: int,
+    backend: str,
+    runs: int,
+    threads: int | None,
+    int8_calib: list[Path] | None = None,
+) -> float:
+    """Median ms at batch 1; runtimes other than torch get a CPU copy of the model. `int8_calib`: time
+    the INT8 deployment instead (quantized on those images), as `--int8` asks."""
+    from polyprune.profile import int8_latency
 
     if backend != "torch" and next(model.parameters()).device.type != "cpu":
         model = copy.deepcopy(model).cpu()
-    lat = _latency_fn(backend)(model, size, runs=runs, threads=threads)
+    if int8_calib:
+        lat = int8_latency(model, size, int8_calib, backend=backend, runs=runs, threads=threads)
+    else:
+        lat = _latency_fn(backend)(model, size, runs=runs, threads=threads)
     return float(lat.median_ms)
+
+
+INT8_CALIB_IMAGES = 16  # per latency measurement: latency does not depend on the ranges it finds
+
+
+def _image_paths(ds: Any) -> list[Path]:
+    """The image files of a SegmentationDataset, or of the parts of an EpochConcat, in order."""
+    parts = getattr(ds, "datasets", None)
+    if parts is not None:
+        return [p for part in parts for p in _image_paths(part)]
+    return [s.image for s in ds.samples]
 
 
 class _Run:
@@ -198,6 +224,7 @@ class _Run:
             skip_bad=cfg.skip_bad,
         )
         plain_train = self.train_ds.unaugmented()  # calibration images: no augmentation, no re-decoding
+        self.int8_calib = _image_paths(self.train_ds)[:INT8_CALIB_IMAGES] if cfg.int8 else None
         if cfg.max_dice_drop is not None and len(self.val_ds) == 0:
             raise ConfigError("--max-dice-drop needs a validation split (is --val-fraction 0?)")
         # calibration: a seeded subset of the training split, without augmentation (same seed, same scores);
@@ -220,10 +247,15 @@ class _Run:
                 "params": count_params(model),
                 "macs": count_macs(model, torch.zeros(1, 3, self.size, self.size, device=self.device)),
                 "latency_ms": measure_latency(
-                    model, self.size, self.cfg.backend, self.cfg.latency_runs, self.cfg.threads
+                    model,
+                    self.size,
+                    self.cfg.backend,
+                    self.cfg.latency_runs,
+                    self.cfg.threads,
+                    self.int8_calib,
                 ),
                 "size": self.size,
-                "backend": self.cfg.backend,
+                "backend": self.cfg.backend + (" int8" if self.cfg.int8 else ""),
             }
         return dist_utils.broadcast_object(row)
 
