@@ -119,3 +119,24 @@ def test_bad_options_are_config_errors(synth_dir, tmp_path):
         train(_cfg(synth_dir, tmp_path / "x", size=30))
     with pytest.raises(ConfigError):
         train(_cfg(synth_dir, tmp_path / "x", precision="fp8"))
+
+
+def test_encoder_unet_trains_saves_and_reloads(synth_dir, tmp_path):
+    """--arch unet-mobilenetv2 end to end (no ImageNet file needed with pretrained=False); stride 32."""
+    s = train(
+        _cfg(synth_dir, tmp_path / "run", arch="unet-mobilenetv2", pretrained=False, size=64, warmup=0.2)
+    )
+    m = load_model(tmp_path / "run" / "model.safetensors")
+    assert m.config()["name"] == "unet-mobilenetv2" and s["arch"] == "unet-mobilenetv2"
+    assert m(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        train(_cfg(synth_dir, tmp_path / "run48", arch="unet-mobilenetv2", pretrained=False, size=48))
+
+
+def test_warmup_then_cosine_schedule():
+    from polyprune.train import learning_rate
+
+    lrs = [learning_rate(step, 100, 1.0, 10) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear up over 10 steps
+    assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert learning_rate(50, 100, 1.0, 0) == pytest.approx(0.5)  # no warm-up: the plain cosine
