@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 import re
@@ -138,5 +139,5 @@ def test_warmup_then_cosine_schedule():
 
     lrs = [learning_rate(step, 100, 1.0, 10) for step in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear up over 10 steps
-    assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert learning_rate(50, 100, 1.0, 0) == pytest.approx(0.5)  # no warm-up: the plain cosine
