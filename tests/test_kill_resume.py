@@ -132,7 +132,8 @@ def check_tree(root: Path) -> None:
     for p in root.rglob("*"):
         if p.is_file():
             if p.name.startswith("."):
-                assert p.name.endswith(".tmp") or p == root / ".lock", p
+                # ours end in .tmp; safetensors (Rust's tempfile crate) writes its own .tmpXXXXXX first
+                assert p.name.endswith(".tmp") or p.name.startswith(".tmp") or p == root / ".lock", p
             else:
                 _parse(p)
 

@@ -24,7 +24,7 @@ from polyprune.profile import (
 SIZE = 32
 ROW_KEYS = {
     "model", "name", "backend", "precision", "size", "threads", "params", "macs", "median_ms", "p90_ms",
-    "min_ms", "runs", "fps", "peak_rss_mb", "peak_rss_delta_mb", "speedup", "params_ratio", "macs_ratio",
+    "min_ms", "runs", "fps", "file_mb", "peak_rss_mb", "peak_rss_delta_mb", "speedup", "params_ratio", "macs_ratio",
 }  # fmt: skip
 
 
