@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from polyprune.checks import check_size
+from polyprune.checks import check_int, check_size, check_threads
 from polyprune.errors import ConfigError
 from polyprune.io import InputSpec
 
@@ -369,6 +369,9 @@ def benchmark_models(
     rows: list[dict[str, Any]] = []
     if sizes is not None and not sizes:
         raise ConfigError("benchmark needs at least one size")
+    check_threads(threads)
+    check_int("runs", runs, low=1, high=100_000)
+    check_int("warmup", warmup, low=0, high=100_000)
     total = sum(
         len(sizes or [0]) * len([b for b in names if b != "torch" or p.suffix.lower() != ".onnx"])
         for p in paths
