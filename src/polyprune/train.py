@@ -38,7 +38,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from polyprune import distributed as dist_utils
 from polyprune.checks import check_choice, check_int, check_number, check_seed, check_size, check_threads
 from polyprune.errors import ConfigError, ModelFileError, TrainingError
-from polyprune.io import InputSpec, run_folder, save_model, save_tensors, write_json
+from polyprune.io import InputSpec, load_model, run_folder, save_model, save_tensors, write_json
 from polyprune.progress import is_main_process, log, progress_bar
 
 MAX_BAD_STEPS = 20
@@ -249,6 +249,17 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (wbce + wiou).mean()
 
 
+def distillation_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Pixel-wise BCE of the student to the teacher's probabilities at temperature T, times T^2 (so the
+    gradient scale does not shrink with T, as in Hinton et al. 2015). Zero gradient where they agree;
+    equal logits give the teacher's own entropy, the minimum over student logits."""
+    t = temperature
+    target = torch.sigmoid(teacher_logits / t)
+    return F.binary_cross_entropy_with_logits(logits / t, target) * t * t
+
+
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "bce-dice": bce_dice_loss,
     "structure": structure_loss,
@@ -409,11 +420,17 @@ def fit(
     desc: str = "train",
     on_best: Callable[[nn.Module, dict[str, Any]], None] | None = None,
     on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+    teacher: nn.Module | None = None,
+    distill: float = 0.0,
+    temperature: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Train `model` in place; at the end it holds the best-validation weights (last if no val set).
 
     `iters` (fine-tuning budget in optimizer steps) overrides `epochs`. Returns one history row per
     epoch: epoch, loss, val_dice, lr, seconds, skipped (non-finite) steps.
+
+    `teacher` + `distill` > 0: the loss adds `distill` x `distillation_loss` to the teacher's
+    probabilities (the teacher runs in eval mode, without gradients; e.g. the unpruned parent).
     """
     dev = dist_utils.local_device(device if isinstance(device, torch.device) else resolve_device(device))
     prec = resolve_precision(precision, dev)
@@ -421,8 +438,18 @@ def fit(
         raise ConfigError("the training set is empty")
     check_training_numbers(lr=lr, weight_decay=weight_decay, batch=batch, seed=seed, workers=workers)
     loss_fn = make_loss(loss)
+    check_number("distill", distill, low=0, high=100)
+    check_number("temperature", temperature, low=0, low_open=True, high=100)
+    if distill > 0 and teacher is None:
+        raise ConfigError("distillation needs a teacher model")
     world = dist_utils.world_size()
     model.to(dev)
+    if teacher is not None and distill > 0:
+        teacher = teacher.to(dev).eval()
+        if dev.type == "cpu":
+            teacher.to(memory_format=torch.channels_last)
+    else:
+        teacher = None
     if dev.type == "cpu":
         model.to(memory_format=torch.channels_last)  # oneDNN's fast path, 1.1-1.8x here
     steps_per_epoch = max(1, math.ceil(len(train_ds) / (batch * world)))
@@ -496,6 +523,10 @@ def fit(
                 with autocast(dev, prec):
                     logits = net(x)
                 value = loss_fn(logits.float(), y)
+                if teacher is not None:
+                    with torch.no_grad(), autocast(dev, prec):
+                        t_logits = teacher(x)
+                    value = value + distill * distillation_loss(logits.float(), t_logits.float(), temperature)
                 opt.zero_grad(set_to_none=True)
                 finite = torch.isfinite(value)
                 if world > 1:  # every rank must agree to step, or DDP deadlocks
@@ -580,6 +611,8 @@ class TrainConfig:
     upsample: str | None = None  # None: the family's own default (unet: transpose, encoder UNets: bilinear)
     pretrained: bool = True  # ImageNet encoder weights, for the encoder UNets (unet has none)
     warmup: float = 0.0  # share of all steps with a linear learning-rate warm-up before the cosine
+    teacher: str | None = None  # a model file to distill from (a from-scratch student gets the same help)
+    distill: float = 0.0
     epochs: int = 20
     batch: int = 8
     lr: float = 1e-3
@@ -609,6 +642,9 @@ class TrainConfig:
         check_number("warmup", self.warmup, low=0, high=1, high_open=True)
         check_number("val_fraction", self.val_fraction, low=0, high=1, high_open=True)
         check_choice("loss", self.loss, tuple(LOSSES))
+        check_number("distill", self.distill, low=0, high=100)
+        if self.distill > 0 and not self.teacher:
+            raise ConfigError("distill needs a teacher model file")
 
 
 def check_training_numbers(*, lr: Any, weight_decay: Any, batch: Any, seed: Any, workers: Any = 0) -> None:
@@ -708,6 +744,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         desc="epoch",
         on_best=on_best,
         on_epoch=on_epoch,
+        teacher=load_model(cfg.teacher) if cfg.teacher else None,
+        distill=cfg.distill,
     )
     # all epochs, those before a resume included (their times are kept in the checkpoint's history)
     minutes = sum(r["seconds"] for r in history) / 60

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from polyprune import distributed as dist_utils
-from polyprune.checks import check_size, check_threads
+from polyprune.checks import check_number, check_size, check_threads
 from polyprune.errors import ConfigError, TargetError
 from polyprune.io import load_model, read_json, run_folder, save_model, write_json
 from polyprune.profile import count_params
@@ -82,6 +82,8 @@ class PruneConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     loss: str = "bce-dice"
+    distill: float = 0.0  # weight of the loss to the unpruned parent's probabilities while fine-tuning
+    distill_temperature: float = 1.0
     seed: int = 0
     threads: int | None = None
     device: str = "auto"
@@ -102,6 +104,8 @@ def check_config(cfg: PruneConfig) -> None:
     if cfg.size is not None:
         check_size(cfg.size)
     check_training_numbers(lr=cfg.lr, weight_decay=cfg.weight_decay, batch=cfg.batch, seed=cfg.seed)
+    check_number("distill", cfg.distill, low=0, high=100)
+    check_number("distill_temperature", cfg.distill_temperature, low=0, low_open=True, high=100)
     check_threads(cfg.threads)
     targets = {
         k: getattr(cfg, k)
@@ -210,6 +214,8 @@ class _Run:
         self.spec = self.meta.input
         self.size = cfg.size if cfg.size is not None else self.spec.size
         check_size(self.size, int(getattr(parent, "stride", 1)))
+        # the parent itself is pruned in place below: distillation needs an unpruned copy
+        self.teacher = copy.deepcopy(parent).eval() if cfg.distill > 0 else None
         from polyprune.profile import check_training_memory
 
         check_training_memory(copy.deepcopy(parent).to("meta"), self.spec.size, cfg.batch)
@@ -288,6 +294,9 @@ class _Run:
             seed=seed,
             progress=self.cfg.progress,
             desc=desc,
+            teacher=self.teacher,
+            distill=self.cfg.distill,
+            temperature=self.cfg.distill_temperature,
             **kw,
         )
 
