@@ -315,3 +315,37 @@ def test_save_model_records_the_history_of_a_pruned_user_module(tmp_path):
     assert torch.allclose(back(x), m(x))
     report = export_onnx(path, tmp_path / "mine.onnx", base_model=_GroupNormNet())
     assert (tmp_path / "mine.onnx").is_file() and report.max_abs_diff < 1e-4
+
+
+# ------------------------------------------------------------------------------------ cost-aware ranking
+
+
+def test_cost_aware_ranking_removes_the_best_importance_per_mac():
+    """Two parallel branches with equal importance per channel; one costs 4x more MACs per channel
+    (16x the spatial size). Plain ranking is a tie broken by order; cost="macs" must take the costly one."""
+
+    class TwoBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.big = nn.Conv2d(3, 8, 3, padding=1)  # full resolution
+            self.small = nn.Conv2d(3, 8, 3, stride=4, padding=1)  # 1/16 of the pixels
+            self.head = nn.Conv2d(16, 1, 1)
+
+        def forward(self, x):
+            small = F.interpolate(self.small(x), size=x.shape[2:])
+            return self.head(torch.cat([self.big(x), small], 1))
+
+    from polyprune.pruning.engine import build_graph, group_costs, prunable_groups
+
+    m = TwoBranch()
+    x = torch.randn(1, 3, 32, 32)
+    dg = build_graph(m, x)
+    groups = prunable_groups(m, dg)
+    costs = dict(zip([g.root for g in groups], group_costs(m, dg, groups, x, "macs"), strict=True))
+    # per channel: big = 27 x 1024 out + 1024 (head's input); small = 27 x 64 out + 1024 (head runs at full size)
+    assert costs["big"] == pytest.approx(27 * 1024 + 1024) and costs["small"] == pytest.approx(27 * 64 + 1024)
+    r = prune_model(m, example_input=x, criterion="random", target={"ratio": 0.25}, round_to=1, min_channels=1,
+                    cost="macs", seed=0)  # fmt: skip
+    assert r.removed.get("big", 0) > r.removed.get("small", 0)  # the expensive channels go first
+    with pytest.raises(ConfigError, match="cost must be one of"):
+        prune_model(TwoBranch(), example_input=x, criterion="l1", target={"ratio": 0.1}, cost="latency-ish")

@@ -308,6 +308,13 @@ def prune(
         float, typer.Option(help="Fine-tuning: weight of the loss to the unpruned parent's probabilities.")
     ] = 0.0,
     distill_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
+    cost: Annotated[
+        str, typer.Option(help="none | macs | params: divide importance by what a channel's removal saves.")
+    ] = "none",
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option("--ignore", help="Layer never pruned, e.g. encoder.features.0 (repeatable)."),
+    ] = None,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per latency measurement.")] = 20,
     step_ratio: Annotated[float, typer.Option(help="Share of the remaining filters removed per step.")] = 0.1,
     finetune_epochs: Annotated[
@@ -373,6 +380,8 @@ def prune(
         int8=int8,
         distill=distill,
         distill_temperature=distill_temperature,
+        cost=cost,
+        ignore=list(ignore or []),
         latency_runs=latency_runs,
         step_ratio=step_ratio,
         finetune_epochs=finetune_epochs,

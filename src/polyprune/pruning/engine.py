@@ -41,6 +41,7 @@ from polyprune.profile import count_params
 from polyprune.pruning.importance import CRITERIA, DATA_CRITERIA, LossFn, compute_importance, find_layers
 
 SCOPES = ("global", "uniform")
+COSTS = ("none", "macs", "params")
 GROUP_REDUCES = ("sum", "mean", "max")
 TARGET_KEYS = ("ratio", "params", "macs")
 
@@ -175,6 +176,55 @@ def group_scores(
     return out
 
 
+def group_costs(
+    model: nn.Module, dg: tp.DependencyGraph, groups: list[PruneGroup], example_input: torch.Tensor, cost: str
+) -> list[float]:
+    """What removing ONE channel of each group saves: MACs (at the example input's size) or params,
+    summed over every conv whose out- or in-channels the group touches. Exact for convs and transposed
+    convs (a depthwise conv counted once); BatchNorm / bias terms are left out (<1 %)."""
+    shapes: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def hook(m: nn.Module, inp: Any, out: Any) -> None:
+        shapes[m] = (tuple(inp[0].shape), tuple(out.shape))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _ConvNd)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+    def per_channel(m: _ConvNd, side: str) -> float:
+        k = math.prod(m.kernel_size)
+        depthwise = m.groups > 1 and m.groups == m.in_channels
+        if side == "in" and depthwise:
+            return 0.0  # the same channel as its out side, counted there
+        other = m.in_channels if side == "out" else m.out_channels
+        weights = k * other / m.groups
+        if cost == "params":
+            return float(weights)
+        (_, _, *hw_in), (_, _, *hw_out) = shapes.get(m, ((0, 0, 0, 0), (0, 0, 0, 0)))
+        transposed = isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
+        return float(weights * math.prod(hw_in if transposed else hw_out))
+
+    out: list[float] = []
+    for g in groups:
+        root = model.get_submodule(g.root)
+        items = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, [0])
+        total = 0.0
+        for item in items:
+            mod = item.dep.target.module
+            if isinstance(mod, _ConvNd):
+                side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+                total += per_channel(mod, side)
+        out.append(max(total, 1e-12))
+    return out
+
+
 def allowed_width(size: int, wish: float, min_channels: int, round_to: int) -> int:
     """The allowed width nearest to `wish` (ties keep more): the full width or a multiple of round_to."""
     allowed = [size] + [v for v in range(round_to, size, round_to) if v >= min_channels]
@@ -255,11 +305,15 @@ def _parse_target(target: dict[str, float] | None) -> dict[str, float]:
     return dict(target)
 
 
-def _check_options(criterion: str, scope: str, group_reduce: str, min_channels: int, round_to: int) -> None:
+def _check_options(
+    criterion: str, scope: str, group_reduce: str, min_channels: int, round_to: int, cost: str = "none"
+) -> None:
     if criterion not in CRITERIA:
         raise ConfigError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
     if scope not in SCOPES:
         raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if cost not in COSTS:
+        raise ConfigError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
     if group_reduce not in GROUP_REDUCES:
         raise ConfigError(f"group_reduce must be one of {', '.join(GROUP_REDUCES)}, got {group_reduce!r}")
     if min_channels < 1:
@@ -287,6 +341,7 @@ def prune_model(
     round_to: int = 8,
     scope: str = "global",
     group_reduce: str = "sum",
+    cost: str = "none",
     seed: int = 0,
 ) -> PruneResult:
     """Score, rank and physically remove filters of `model` (in place) until `target` is met.
@@ -295,9 +350,13 @@ def prune_model(
     criteria (taylor-gradnorm, taylor) read `n_images` from `calibration_loader`, which yields
     (image, mask) batches (image-only batches work with signal="random"). Raises TargetError when the
     target cannot be met within min_channels / round_to; the model is then left unchanged.
+
+    `cost` "macs" / "params": a group's scores are divided by what removing one of its channels saves
+    (`group_costs`), so the global ranking removes the least output change per MAC (or param) saved
+    (the idea of HALP, Shen et al. 2022, with MACs for latency); "none" is the paper's plain ranking.
     """
     targets = _parse_target(target)
-    _check_options(criterion, scope, group_reduce, min_channels, round_to)
+    _check_options(criterion, scope, group_reduce, min_channels, round_to, cost)
     if criterion in DATA_CRITERIA and calibration_loader is None:
         raise ConfigError(f"criterion {criterion!r} needs calibration images (calibration_loader)")
     example_input = example_input.to(next(model.parameters()).device)
@@ -309,6 +368,7 @@ def prune_model(
         "round_to": round_to,
         "scope": scope,
         "group_reduce": group_reduce,
+        "cost": cost,
         "seed": seed,
         "target": targets,
     }
@@ -331,7 +391,11 @@ def prune_model(
         n_images=n_images,
         seed=seed,
     )
-    planner = _Planner(groups, group_scores(groups, scores, group_reduce), scope, min_channels, round_to)
+    gscores = group_scores(groups, scores, group_reduce)
+    if cost != "none":
+        costs = group_costs(model, dg, groups, example_input, cost)
+        gscores = [None if sc is None else sc / c for sc, c in zip(gscores, costs, strict=True)]
+    planner = _Planner(groups, gscores, scope, min_channels, round_to)
 
     metric_cache: dict[int, tuple[int, int]] = {}
 

@@ -77,6 +77,8 @@ class PruneConfig:
     round_to: int = 8
     min_channels: int = 4
     group_reduce: str = "sum"
+    cost: str = "none"  # none | macs | params: rank importance per MAC (param) saved
+    ignore: list[str] = field(default_factory=list)  # layer names never pruned (e.g. a pretrained stem)
     max_steps: int = 100
     batch: int = 8
     lr: float = 1e-4
@@ -427,6 +429,7 @@ def _check_reachable(run: _Run) -> None:
         min_channels=cfg.min_channels,
         round_to=cfg.round_to,
         scope=cfg.scope,
+        ignored_layers=cfg.ignore or None,
     )
 
 
@@ -529,6 +532,8 @@ def _prune_run(cfg: PruneConfig) -> dict[str, Any]:
                         round_to=cfg.round_to,
                         scope=cfg.scope,
                         group_reduce=cfg.group_reduce,
+                        cost=cfg.cost,
+                        ignored_layers=cfg.ignore or None,
                         seed=cfg.seed + step,
                     )
                 except TargetError as exc:  # nothing more can be removed
