@@ -112,3 +112,12 @@ def test_schedule_times_the_int8_deployment(trained, synth_dir):
     images = calibration_images([synth_dir], 4)
     ms = measure_latency(model, 64, "onnxruntime", runs=3, threads=1, int8_calib=images)
     assert 0 < ms < 1000
+
+
+def test_openvino_runs_the_int8_file(trained, synth_dir, tmp_path):
+    pytest.importorskip("openvino")
+    r = export_int8(trained, tmp_path / "ov_int8.onnx", [synth_dir], calib_n=4, min_agreement=0.0)
+    rgb = (np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)
+    with Predictor(r.path, backend="openvino", threads=1) as ov, Predictor(r.path, threads=1) as ort:
+        a, b = ov.predict(rgb), ort.predict(rgb)
+    assert a.shape == b.shape == (64, 64) and np.abs(a - b).mean() < 0.05
