@@ -125,6 +125,7 @@ def test_torchrun_train_two_processes(trained):
     }
     assert _written(writes, 0) == expected and _written(writes, 1) == set()
     assert sorted(p.name for p in out.rglob("*")) == [
+        ".lock",  # rank 0's hold on the run folder
         "checkpoint",
         "history.json",
         "last.safetensors",

@@ -674,7 +674,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     claim = (
         run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-        if dist_utils.rank() == 0
+        if is_main_process()  # RANK from torchrun's environment: the process group is not up yet
         else contextlib.nullcontext()
     )
     with claim:

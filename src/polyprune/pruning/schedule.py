@@ -447,7 +447,7 @@ def prune_run(cfg: PruneConfig) -> dict[str, Any]:
     owned = dist_utils.setup(cfg.device)
     claim = (
         run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-        if dist_utils.rank() == 0
+        if is_main_process()  # RANK from torchrun's environment: the process group is not up yet
         else contextlib.nullcontext()
     )
     with claim:
