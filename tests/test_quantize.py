@@ -121,3 +121,21 @@ def test_openvino_runs_the_int8_file(trained, synth_dir, tmp_path):
     with Predictor(r.path, backend="openvino", threads=1) as ov, Predictor(r.path, threads=1) as ort:
         a, b = ov.predict(rgb), ort.predict(rgb)
     assert a.shape == b.shape == (64, 64) and np.abs(a - b).mean() < 0.05
+
+
+def test_minmax_chunk_size_never_divides_the_image_count():
+    from polyprune.quantize import _minmax_chunks
+
+    for n in range(5, 200):
+        c = _minmax_chunks("minmax", n)["CalibMaxIntermediateOutputs"]
+        assert n % c != 0 and 4 <= c < n
+    assert _minmax_chunks("minmax", 4) == {} and _minmax_chunks("entropy", 64) == {}
+
+
+def test_histogram_calibration_that_cannot_fit_is_refused(trained, synth_dir, tmp_path, monkeypatch):
+    import polyprune.profile
+
+    fp32 = export_onnx(trained, tmp_path / "fp32.onnx").path
+    monkeypatch.setattr(polyprune.profile, "available_memory_bytes", lambda: 10 * 2**20)  # 10 MB left
+    with pytest.raises(ConfigError, match=r"percentile calibration keeps every activation.*--calib-n \d+"):
+        quantize_onnx(fp32, tmp_path / "p.onnx", calibration_images([synth_dir], 24), method="percentile")
