@@ -186,3 +186,13 @@ def test_fit_with_a_teacher_pulls_the_student_to_it(synth_dir):
     assert mean_prob(teacher=teacher, distill=20.0) > 0.5 > mean_prob()
     with pytest.raises(ConfigError, match="teacher"):
         fit(build_model("unet", base_width=4), tr, None, iters=1, device="cpu", progress=False, distill=1.0)
+
+
+def test_init_fine_tunes_a_trained_model_file(synth_dir, tmp_path):
+    first = train(_cfg(synth_dir, tmp_path / "a", epochs=3, lr=3e-3))
+    again = train(_cfg(synth_dir, tmp_path / "b", epochs=1, lr=1e-5, init=first["model"], width=99))
+    m = load_model(again["model"])
+    assert m.config() == load_model(first["model"]).config()  # the file's architecture, not --width
+    assert again["best_val_dice"] == pytest.approx(first["best_val_dice"], abs=0.05)  # it starts trained
+    with pytest.raises(Exception, match="not found"):
+        train(_cfg(synth_dir, tmp_path / "c", init=str(tmp_path / "nope.safetensors")))

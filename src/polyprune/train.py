@@ -611,6 +611,7 @@ class TrainConfig:
     upsample: str | None = None  # None: the family's own default (unet: transpose, encoder UNets: bilinear)
     pretrained: bool = True  # ImageNet encoder weights, for the encoder UNets (unet has none)
     warmup: float = 0.0  # share of all steps with a linear learning-rate warm-up before the cosine
+    init: str | None = None  # a trained model file to start from (fine-tuning) instead of a fresh model
     teacher: str | None = None  # a model file to distill from (a from-scratch student gets the same help)
     distill: float = 0.0
     epochs: int = 20
@@ -657,13 +658,32 @@ def check_training_numbers(*, lr: Any, weight_decay: Any, batch: Any, seed: Any,
 
 
 def build_training_model(cfg: TrainConfig) -> nn.Module:
-    """The model `train` starts from: a plain UNet of `width`, or an encoder UNet (ImageNet weights)."""
+    """The model `train` starts from: `init`'s (a trained model file: fine-tune it, e.g. a zoo model on
+    your own data; its architecture wins over --arch), a plain UNet of `width`, or an encoder UNet."""
     from polyprune.models import build_model
 
+    if cfg.init:
+        return load_model(cfg.init).train()
     if cfg.arch == "unet":
         return build_model("unet", base_width=cfg.width, upsample=cfg.upsample or "transpose")
     extra = {"upsample": cfg.upsample} if cfg.upsample else {}
     return build_model(cfg.arch, pretrained=cfg.pretrained, **extra)
+
+
+def _skeleton(cfg: TrainConfig) -> nn.Module:
+    """The training model's shapes (call under torch.device("meta")): no weights read or allocated."""
+    from polyprune.io import read_metadata
+    from polyprune.models import build_model
+
+    if cfg.init:
+        arch = dict(read_metadata(cfg.init).arch)
+        name = arch.pop("name", None)
+        if name is None:
+            raise ConfigError(
+                f"--init {cfg.init}: a model outside polyprune's registry cannot be trained by the CLI"
+            )
+        return build_model(name, **arch)
+    return build_training_model(replace(cfg, pretrained=False))
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -686,7 +706,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
     check_size(cfg.size)
     with torch.device("meta"):  # shapes only: a model or size too big for memory is refused up front
-        skeleton = build_training_model(replace(cfg, pretrained=False))
+        skeleton = _skeleton(cfg)
     check_size(cfg.size, int(getattr(skeleton, "stride", 16)))
     check_training_memory(skeleton, cfg.size, cfg.batch)
     dist_utils.setup(cfg.device)
@@ -712,6 +732,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     train_meta = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "overwrite")}
     train_meta.update(n_train=len(train_ds), n_val=len(val_ds))
     what = f"UNet width {cfg.width}" if cfg.arch == "unet" else f"{cfg.arch} (pretrained: {cfg.pretrained})"
+    if cfg.init:
+        what = f"{model.config()['name']} from {cfg.init}"
     log(
         f"training {what} ({params / 1e6:.2f} M params, {macs / 1e9:.2f} GMACs at {cfg.size}) "
         f"on {len(train_ds)} images, validating on {len(val_ds)}",
@@ -761,7 +783,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         "params": params,
         "macs": macs,
         "size": cfg.size,
-        "arch": cfg.arch,
+        "arch": model.config()["name"] if hasattr(model, "config") else cfg.arch,
         "width": cfg.width,
     }
     if is_main_process():
