@@ -6,7 +6,9 @@ Test sets (../shared/data): Kvasir-SEG (the 100 PraNet test ids), CVC-ClinicDB (
 ids), CVC-ColonDB (all 380: never trained on). Both protocols per set (polyprune.evaluate), with the
 false alarms on polyp-free frames. Params and MACs at 352 px; ONNX Runtime latency at 352 px, batch 1,
 `--threads` intra-op threads, all models timed in one interleaved pass (round-robin, `--rounds`
-rounds of `--runs` runs each; the median over every timed run), so they share the machine's state.
+rounds of `--runs` runs each, after a 0.5 s pause and 2 untimed runs at every switch: ONNX Runtime's
+idle pools spin, and 6 sessions of 2 threads on 2 cores slowed each other by up to 1.6x without it; the
+median over every timed run), so they share the machine's state.
 Works for .safetensors and .onnx files (an INT8 .onnx is scored and timed as it is deployed).
 """
 
@@ -56,6 +58,11 @@ def interleaved_latency(
             p.predict_logits(x)
     for _ in range(rounds):
         for i, p in enumerate(preds):
+            # ONNX Runtime's idle thread pools spin for a while after a run: let the previous model's
+            # threads go quiet, and warm this one up again, before timing it
+            time.sleep(0.5)
+            for _ in range(2):
+                p.predict_logits(x)
             for _ in range(runs):
                 t0 = time.perf_counter()
                 p.predict_logits(x)
