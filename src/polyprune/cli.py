@@ -669,9 +669,14 @@ def main() -> None:
 RESUMABLE = ("train", "prune")
 
 
+def _command_name() -> str:
+    """The subcommand on the command line (the first word that is not an option), or ""."""
+    return next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+
+
 def _interrupted() -> None:
     """Ctrl-C: one line and exit 130 (typer's standalone_mode=False returns it as a plain 130)."""
-    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    command = _command_name()
     hint = (
         " (its last finished epoch or step is kept: continue with --resume)" if command in RESUMABLE else ""
     )
@@ -693,7 +698,7 @@ def _main() -> None:
     except Exception as exc:  # click's own usage errors (typer 0.29 vendors click as typer._click)
         usage, exit_, abort = _click_exception_types()
         if isinstance(exc, usage):  # one line like every other bad input, with where to look
-            command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+            command = _command_name()
             known = command in {c.name or c.callback.__name__ for c in app.registered_commands}
             hint = f" (see polyprune {command} --help)" if known else " (see polyprune --help)"
             typer.echo(f"error: {_one_line(exc.format_message())}{hint}", err=True)

@@ -85,15 +85,12 @@ def set_threads(threads: int | None) -> None:
 # ------------------------------------------------------------------------------------------- data
 
 
-def _collect_ids(files: list[str | Path] | None) -> list[str] | None:
+def _read_split_files(spec: str | Path | list | None) -> dict[str, list[str]]:
+    """{split file: its ids} for one file, a list of files, or None (each file read once)."""
     from polyprune.data import read_ids
 
-    if not files:
-        return None
-    ids: list[str] = []
-    for f in files:
-        ids.extend(read_ids(f))
-    return ids
+    files = spec if isinstance(spec, list) else [spec] if spec else []
+    return {str(f): read_ids(f) for f in files}
 
 
 def make_datasets(
@@ -119,22 +116,15 @@ def make_datasets(
     check_size(spec.size)
     if not data_dirs:
         raise ConfigError("no --data folder given")
-    only = set(
-        _collect_ids(ids_file if isinstance(ids_file, list) else [ids_file] if ids_file else None) or []
-    )
-    excluded = _collect_ids(
-        exclude_ids_file
-        if isinstance(exclude_ids_file, list)
-        else [exclude_ids_file]
-        if exclude_ids_file
-        else None
-    )
+    only_files, excluded_files = _read_split_files(ids_file), _read_split_files(exclude_ids_file)
+    only = {i for ids in only_files.values() for i in ids}
+    excluded = [i for ids in excluded_files.values() for i in ids]
     resolved = [Path(d).resolve() for d in data_dirs]
     twice = next((d for i, d in enumerate(data_dirs) if resolved[i] in resolved[:i]), None)
     if twice is not None:
         raise ConfigError(f"dataset folder given twice: {twice} (its images would count double)")
     found = {d: find_samples(d, skip_bad=skip_bad) for d in data_dirs}
-    _check_split_ids(found, ids_file, exclude_ids_file)
+    _check_split_ids(found, only_files, excluded_files)
     _check_data_memory(sum(len(v) for v in found.values()), spec.size)
     train_parts, val_parts = [], []
     for d in data_dirs:
@@ -175,29 +165,22 @@ def _check_data_memory(n_images: int, size: int) -> None:
         )
 
 
-def _as_files(spec: str | Path | list | None) -> list[str | Path]:
-    return spec if isinstance(spec, list) else [spec] if spec else []
-
-
 def _check_split_ids(
-    found: dict, ids_file: str | Path | list | None, exclude_ids_file: str | Path | list | None
+    found: dict, only_files: dict[str, list[str]], excluded_files: dict[str, list[str]]
 ) -> None:
     """A split file must match the data: test ids that match no image would leak the real test images
     into training (a wrong file, or ids of another dataset); unknown --ids are dropped images."""
-    from polyprune.data import read_ids
     from polyprune.errors import DataError
 
     present = {s.id for samples in found.values() for s in samples}
     folders = ", ".join(str(d) for d in found)
-    for f in _as_files(exclude_ids_file):
-        ids = read_ids(f)
+    for f, ids in excluded_files.items():
         if not any(i in present for i in ids):
             raise DataError(
                 f"none of the {len(ids)} test ids in {f} matches an image in {folders}: training would "
                 "use the test images it should leave out (wrong split file?)"
             )
-    for f in _as_files(ids_file):
-        ids = read_ids(f)
+    for f, ids in only_files.items():
         absent = [i for i in ids if i not in present]
         if absent:
             raise DataError(
