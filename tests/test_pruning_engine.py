@@ -349,3 +349,34 @@ def test_cost_aware_ranking_removes_the_best_importance_per_mac():
     assert r.removed.get("big", 0) > r.removed.get("small", 0)  # the expensive channels go first
     with pytest.raises(ConfigError, match="cost must be one of"):
         prune_model(TwoBranch(), example_input=x, criterion="l1", target={"ratio": 0.1}, cost="latency-ish")
+
+
+@pytest.mark.parametrize("arch", ["unet-mobilenetv2", "unet-efficientnet-lite0"])
+def test_encoder_unets_prune_reload_and_export(arch, tmp_path):
+    """Inverted residual chains and depthwise convs through the dependency graph: the pruned net runs at
+    other sizes, reloads from its file bit-exact, and exports to ONNX within tolerance (TF pads too)."""
+    from polyprune.export import export_onnx, read_onnx_metadata
+
+    torch.manual_seed(0)
+    m = build_model(arch).eval()
+    before = m.widths()
+    x = torch.randn(1, 3, 64, 64)
+    loader = [(torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float())]
+    r = prune_model(
+        m, x, loader, "taylor-gradnorm", {"macs": 0.6}, loss_fn=F.binary_cross_entropy_with_logits
+    )
+    assert r.macs_after <= 0.6 * r.macs_before
+    after = m.widths()
+    assert any(after[k] < v for k, v in before.items() if k.endswith(".hidden"))  # expansion + depthwise
+    assert any(after[k] < v for k, v in before.items() if k.startswith("block") and k.endswith(".out"))
+    m.eval()
+    assert m(torch.randn(1, 3, 96, 96)).shape == (1, 1, 96, 96)
+    spec = InputSpec.for_model(m, 64)
+    save_model(tmp_path / "p.safetensors", m, input_spec=spec)
+    m2 = load_model(tmp_path / "p.safetensors")
+    assert m2.widths() == m.widths()
+    with torch.no_grad():
+        assert torch.equal(m2(x), m(x))
+    rep = export_onnx(tmp_path / "p.safetensors", tmp_path / "p.onnx")
+    assert max(rep.checks.values()) <= rep.tolerance
+    assert read_onnx_metadata(tmp_path / "p.onnx").input.mean == pytest.approx(spec.mean)

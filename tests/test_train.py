@@ -122,16 +122,19 @@ def test_bad_options_are_config_errors(synth_dir, tmp_path):
         train(_cfg(synth_dir, tmp_path / "x", precision="fp8"))
 
 
-def test_encoder_unet_trains_saves_and_reloads(synth_dir, tmp_path):
-    """--arch unet-mobilenetv2 end to end (no ImageNet file needed with pretrained=False); stride 32."""
-    s = train(
-        _cfg(synth_dir, tmp_path / "run", arch="unet-mobilenetv2", pretrained=False, size=64, warmup=0.2)
-    )
+@pytest.mark.parametrize("arch", ["unet-mobilenetv2", "unet-efficientnet-lite0"])
+def test_encoder_unet_trains_saves_and_reloads(synth_dir, tmp_path, arch):
+    """--arch <encoder UNet> end to end (no ImageNet file needed with pretrained=False); stride 32; the
+    model file keeps the encoder's own input normalization."""
+    s = train(_cfg(synth_dir, tmp_path / "run", arch=arch, pretrained=False, size=64, warmup=0.2, epochs=1))
     m = load_model(tmp_path / "run" / "model.safetensors")
-    assert m.config()["name"] == "unet-mobilenetv2" and s["arch"] == "unet-mobilenetv2"
+    assert m.config()["name"] == arch and s["arch"] == arch
     assert m(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    family = build_model(arch)
+    assert m.polyprune_meta.input.mean == pytest.approx(family.input_mean)
+    assert m.polyprune_meta.input.std == pytest.approx(family.input_std)
     with pytest.raises(ConfigError, match="multiple of 32"):
-        train(_cfg(synth_dir, tmp_path / "run48", arch="unet-mobilenetv2", pretrained=False, size=48))
+        train(_cfg(synth_dir, tmp_path / "run48", arch=arch, pretrained=False, size=48))
 
 
 def test_warmup_then_cosine_schedule():

@@ -92,7 +92,10 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: model.safetensors, history.json, checkpoint/.")],
     size: Annotated[int, typer.Option(help="Square input size, a multiple of the model's stride.")] = 256,
     arch: Annotated[
-        str, typer.Option(help="unet (from scratch) | unet-mobilenetv2 (ImageNet encoder, stride 32)")
+        str,
+        typer.Option(
+            help="unet (from scratch) | unet-mobilenetv2 | unet-efficientnet-lite0 (ImageNet encoders, stride 32)"
+        ),
     ] = "unet",
     width: Annotated[int, typer.Option(help="UNet base width (channels of the first level).")] = 16,
     upsample: Annotated[

@@ -159,7 +159,7 @@ def _resolve_model(
     """(module, input spec, arch JSON, source file name) from a model file or an in-memory module."""
     if isinstance(model_or_path, nn.Module):
         meta = getattr(model_or_path, "polyprune_meta", None)
-        spec = input_spec or (meta.input if meta else InputSpec())
+        spec = input_spec or (meta.input if meta else InputSpec.for_model(model_or_path))
         return model_or_path, spec, model_arch(model_or_path), ""
     path = Path(model_or_path)
     if path.suffix.lower() == ".onnx":

@@ -150,7 +150,7 @@ class Predictor:
         if isinstance(model, nn.Module):
             self.model = model.eval()
             meta = getattr(model, "polyprune_meta", None)
-            self.input_spec = spec or (meta.input if meta else InputSpec())
+            self.input_spec = spec or (meta.input if meta else InputSpec.for_model(model))
         else:
             self.model = load_model(model, device=device)
             self.input_spec = spec or self.model.polyprune_meta.input

@@ -61,6 +61,17 @@ class InputSpec:
         return d
 
     @classmethod
+    def for_model(cls, model: nn.Module, size: int = 256) -> InputSpec:
+        """The preprocessing `model` was trained with: its file's, else its family's (`input_mean` /
+        `input_std`, e.g. TF scaling for EfficientNet-Lite), else ImageNet mean/std."""
+        meta = getattr(model, "polyprune_meta", None)
+        if meta is not None:
+            return cls(size=size, mean=meta.input.mean, std=meta.input.std, threshold=meta.input.threshold)
+        mean = tuple(getattr(model, "input_mean", IMAGENET_MEAN))
+        std = tuple(getattr(model, "input_std", IMAGENET_STD))
+        return cls(size=size, mean=mean, std=std)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
         """Parse and bound-check (the dict comes from a file a user hands us): ValueError if out of bounds."""
         size = d.get("size", 256)

@@ -158,7 +158,7 @@ def _spec_at(model_or_path: str | Path | nn.Module, size: int) -> InputSpec:
     """The model's InputSpec (ImageNet defaults if it has none) with `size` replaced."""
     if isinstance(model_or_path, nn.Module):
         meta = getattr(model_or_path, "polyprune_meta", None)
-        spec = meta.input if meta else InputSpec()
+        spec = meta.input if meta else InputSpec.for_model(model_or_path)
     elif Path(model_or_path).suffix.lower() == ".onnx":
         from polyprune.export import read_onnx_metadata
 

