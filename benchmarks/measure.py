@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from grid import Grid
+from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
 from polyprune.io import load_model
-from polyprune.profile import count_macs, count_params, onnxruntime_latency
+from polyprune.profile import onnxruntime_latency
 from polyprune.pruning import layer_widths
 from polyprune.train import validation_dice
 

@@ -33,9 +33,9 @@ import torch_pruning as tp
 from torch import nn
 
 from grid import Method
+from polyprune.counting import count_macs
 from polyprune.errors import TargetError
 from polyprune.models import build_model
-from polyprune.profile import count_macs
 from polyprune.pruning import layer_widths, prune_model
 from polyprune.pruning.importance import DATA_CRITERIA
 

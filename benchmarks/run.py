@@ -81,12 +81,14 @@ from torch.utils.data import DataLoader, Subset
 import grid as G
 import methods as M
 from measure import measure_latency, measure_model
+from polyprune.counting import count_macs
 from polyprune.errors import TargetError
 from polyprune.io import InputSpec, atomic_write_text, load_model, read_json, save_model, write_json
+from polyprune.losses import make_loss
 from polyprune.models import build_model
-from polyprune.profile import count_macs, system_info
+from polyprune.profile import system_info
 from polyprune.progress import log
-from polyprune.train import fit, make_datasets, make_loss, resolve_precision, seed_everything, validation_dice
+from polyprune.train import fit, make_datasets, resolve_precision, seed_everything, validation_dice
 from report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -139,7 +141,8 @@ def first_ids(src: Path, n: int, dst: Path) -> Path:
 
 def seconds_per_step(model: torch.nn.Module, batch: int, size: int, precision: str) -> float:
     """Median wall time of one training step (forward, backward, AdamW) at batch x size, x1.15 for data."""
-    from polyprune.train import autocast, bce_dice_loss
+    from polyprune.losses import bce_dice_loss
+    from polyprune.train import autocast
 
     m = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(m.parameters(), lr=0.0, weight_decay=0.0)

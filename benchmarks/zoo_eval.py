@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
 from polyprune.export import export_onnx
 from polyprune.infer import Predictor
 from polyprune.io import load_model, write_json
-from polyprune.profile import count_macs, count_params, system_info
+from polyprune.profile import system_info
 
 DATA = Path(os.environ.get("POLYPRUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TESTS = {

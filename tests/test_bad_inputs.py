@@ -405,9 +405,9 @@ def test_unreachable_pruning_target(data, model_file, tmp_path, capsys):
 
 def _nan_loss(when):
     """The real loss, but NaN at the steps `when(step)` picks (counted from 0)."""
-    import polyprune.train as train_mod
+    import polyprune.losses as losses_mod
 
-    real = train_mod.LOSSES["bce-dice"]
+    real = losses_mod.LOSSES["bce-dice"]
     calls = {"n": 0}
 
     def loss(logits, target):
@@ -420,9 +420,9 @@ def _nan_loss(when):
 
 def test_transient_nan_loss_is_skipped_and_training_completes(data, tmp_path, capsys, monkeypatch):
     """Documented recovery (train.py): a non-finite step is skipped (no update) and counted."""
-    import polyprune.train as train_mod
+    import polyprune.losses as losses_mod
 
-    monkeypatch.setitem(train_mod.LOSSES, "bce-dice", _nan_loss(lambda step: step == 1))
+    monkeypatch.setitem(losses_mod.LOSSES, "bce-dice", _nan_loss(lambda step: step == 1))
     assert_ok(cli(capsys, *train_args(data, tmp_path / "run", "--batch", 1, "--epochs", 2)))
     hist = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
     assert [r["skipped_steps"] for r in hist] == [1, 0]
@@ -433,9 +433,9 @@ def test_transient_nan_loss_is_skipped_and_training_completes(data, tmp_path, ca
 
 
 def test_persistent_nan_loss_is_one_line_error(data, tmp_path, capsys, monkeypatch):
-    import polyprune.train as train_mod
+    import polyprune.losses as losses_mod
 
-    monkeypatch.setitem(train_mod.LOSSES, "bce-dice", _nan_loss(lambda step: step >= 2))
+    monkeypatch.setitem(losses_mod.LOSSES, "bce-dice", _nan_loss(lambda step: step >= 2))
     line = assert_error(
         cli(capsys, *train_args(data, tmp_path / "run", "--batch", 1, "--epochs", 8)), "NaN", "20 steps"
     )

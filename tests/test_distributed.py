@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 
 from polyprune.distributed import DistributedMismatchError, assert_same_across_ranks
 from polyprune.io import load_model, read_json
-from polyprune.pruning.engine import layer_widths
 from polyprune.pruning.importance import compute_importance, find_layers
+from polyprune.structure import layer_widths
 
 # `make test` runs these in their own pytest process after the xdist run: each starts two processes of its
 # own, which beside a second xdist worker would oversubscribe two cores.

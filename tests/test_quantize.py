@@ -134,9 +134,9 @@ def test_minmax_chunk_size_never_divides_the_image_count():
 
 
 def test_histogram_calibration_that_cannot_fit_is_refused(trained, synth_dir, tmp_path, monkeypatch):
-    import polyprune.profile
+    import polyprune.counting
 
     fp32 = export_onnx(trained, tmp_path / "fp32.onnx").path
-    monkeypatch.setattr(polyprune.profile, "available_memory_bytes", lambda: 10 * 2**20)  # 10 MB left
+    monkeypatch.setattr(polyprune.counting, "available_memory_bytes", lambda: 10 * 2**20)  # 10 MB left
     with pytest.raises(ConfigError, match=r"percentile calibration keeps every activation.*--calib-n \d+"):
         quantize_onnx(fp32, tmp_path / "p.onnx", calibration_images([synth_dir], 24), method="percentile")

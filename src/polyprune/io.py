@@ -429,7 +429,7 @@ def load_model(path: str | Path, *, base_model: nn.Module | None = None, device:
         model = base_model
         history = meta.pruning.get("history")
         if history and name is None:
-            from polyprune.pruning.engine import replay_pruning_history
+            from polyprune.structure import replay_pruning_history
 
             replay_pruning_history(model, history, input_size=meta.input.size)
             model.polyprune_pruning_history = list(history)  # pruning it further extends this record

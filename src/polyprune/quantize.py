@@ -227,7 +227,7 @@ def activation_bytes_per_image(onnx_path: Path) -> int:
 def _check_histogram_memory(onnx_path: Path, n_images: int, method: str) -> None:
     """ONNX Runtime's histogram calibrators (percentile, entropy) keep every intermediate tensor of every
     calibration image in memory, then copy them once more: refuse what would be killed for memory."""
-    from polyprune.profile import available_memory_bytes
+    from polyprune.counting import available_memory_bytes
 
     per_image, avail = activation_bytes_per_image(onnx_path) * 2.5, available_memory_bytes()
     if avail is None or per_image * n_images <= 0.8 * avail:

@@ -29,13 +29,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from polyprune.errors import ConfigError
-from polyprune.models import register_model
 from polyprune.models.encoder_unet import (
     EncoderUNet,
     decoder_default_widths,
     load_strict,
     wheel_file,
 )
+from polyprune.models.registry import register_model
 
 # (kernel, repeats, out channels, expand ratio, first stride): EfficientNet-B0 stages, Lite0 scaling 1.0
 _STAGES = (

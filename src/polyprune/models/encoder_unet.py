@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from polyprune.errors import ConfigError
-from polyprune.models import MAX_WIDTH, check_channels, merge_widths
+from polyprune.models.registry import MAX_WIDTH, check_channels, merge_widths
 from polyprune.models.unet import DoubleConv
 
 N_SKIPS = 4  # strides 2, 4, 8, 16

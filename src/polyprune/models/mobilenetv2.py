@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from polyprune.errors import ConfigError
-from polyprune.models import register_model
 from polyprune.models.encoder_unet import (
     EncoderUNet,
     decoder_default_widths,
     load_strict,
     wheel_file,
 )
+from polyprune.models.registry import register_model
 
 # (expand ratio t, out channels c, repeats n, first stride s): MobileNetV2 Table 2
 _SETTINGS = (

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from polyprune.errors import ConfigError
-from polyprune.models import MAX_WIDTH, check_channels, merge_widths, register_model
+from polyprune.models.registry import MAX_WIDTH, check_channels, merge_widths, register_model
 
 MAX_DEPTH = 8  # 2**8 = 256 px stride: deeper makes no sense for images, and a huge depth hangs the build
 

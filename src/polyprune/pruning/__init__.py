@@ -6,13 +6,9 @@ result = prune_model(model, torch.randn(1, 3, 256, 256), loader, "taylor-gradnor
 
 from __future__ import annotations
 
-from polyprune.pruning.engine import (
-    PruneResult,
-    layer_widths,
-    prune_model,
-    replay_pruning_history,
-)
+from polyprune.pruning.engine import PruneResult, prune_model
 from polyprune.pruning.importance import CRITERIA, compute_importance, find_layers
+from polyprune.structure import layer_widths, replay_pruning_history
 
 __all__ = [
     "CRITERIA",

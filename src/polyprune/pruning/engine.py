@@ -35,10 +35,10 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from polyprune import profile
-from polyprune.errors import ConfigError, ModelFileError, TargetError
-from polyprune.profile import count_params
+from polyprune.counting import count_macs, count_params
+from polyprune.errors import ConfigError, TargetError
 from polyprune.pruning.importance import CRITERIA, DATA_CRITERIA, LossFn, compute_importance, find_layers
+from polyprune.structure import build_graph, layer_widths
 
 SCOPES = ("global", "uniform")
 COSTS = ("none", "macs", "params")
@@ -89,26 +89,10 @@ class PruneResult:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Out-channels of every conv / ConvTranspose, by module name."""
-    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, _ConvNd)}
-
-
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """MACs at batch 1 and the example input's (C, H, W): polyprune.profile's counter."""
+def _macs_at(model: nn.Module, example_input: torch.Tensor) -> int:
+    """MACs at batch 1 and the example input's (C, H, W)."""
     c, h, w = example_input.shape[1:]
-    return profile.count_macs(model, (h, w), in_channels=c)
-
-
-def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's DependencyGraph, traced in eval mode (no BatchNorm statistics change)."""
-    was_training = model.training
-    try:
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-    finally:
-        model.train(was_training)  # tp's tracer leaves the model in eval mode
-    return dg
+    return count_macs(model, (h, w), in_channels=c)
 
 
 def _touches_output(dg: tp.DependencyGraph, group: Any) -> bool:
@@ -373,7 +357,7 @@ def prune_model(
         "target": targets,
     }
     widths_before = layer_widths(model)
-    params0, macs0 = count_params(model), count_macs(model, example_input)
+    params0, macs0 = count_params(model), _macs_at(model, example_input)
 
     dg = build_graph(model, example_input)
     groups = prunable_groups(model, dg, ignored_layers)
@@ -404,7 +388,7 @@ def prune_model(
         if k not in metric_cache:
             trial = copy.deepcopy(model)
             _apply(trial, build_graph(trial, example_input), groups, planner.plan(k))
-            metric_cache[k] = (count_params(trial), count_macs(trial, example_input))
+            metric_cache[k] = (count_params(trial), _macs_at(trial, example_input))
         return metric_cache[k]
 
     def met(k: int) -> bool:
@@ -455,45 +439,7 @@ def prune_model(
         params_before=params0,
         params_after=count_params(model),
         macs_before=macs0,
-        macs_after=count_macs(model, example_input),
+        macs_after=_macs_at(model, example_input),
         criterion=criterion,
         options=options,
     )
-
-
-def replay_pruning_history(
-    model: nn.Module,
-    history: list[list[Any]],
-    input_size: int | tuple[int, int],
-    in_channels: int | None = None,
-) -> nn.Module:
-    """Redo recorded pruning on the unpruned `model` (in place): entries [layer, idxs] (or tp's [layer, True, idxs])."""
-    if in_channels is None:
-        first = next((m for m in model.modules() if isinstance(m, _ConvNd)), None)
-        if first is None:
-            raise ModelFileError("cannot replay a pruning history on a model without convolutions")
-        in_channels = first.in_channels
-    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
-    example = torch.randn(1, in_channels, h, w, device=next(model.parameters()).device)
-    dg = build_graph(model, example)
-    for entry in history:
-        name, idxs = entry[0], entry[-1]
-        if len(entry) == 3 and not entry[1]:
-            raise ModelFileError(
-                f"pruning history entry for {name!r} prunes in-channels; only out-channels replay"
-            )
-        try:
-            module = model.get_submodule(name)
-        except AttributeError as exc:
-            raise ModelFileError(
-                f"pruning history names layer {name!r}, which base_model does not have"
-            ) from exc
-        pruner = dg.get_pruner_of_module(module)
-        if pruner is None or module not in dg.module2node:
-            raise ModelFileError(
-                f"pruning history names layer {name!r}, which cannot be pruned in base_model"
-            )
-        if max(idxs, default=-1) >= pruner.get_out_channels(module):
-            raise ModelFileError(f"pruning history does not fit base_model: {name!r} has too few channels")
-        dg.get_pruning_group(module, pruner.prune_out_channels, list(idxs)).prune(record_history=False)
-    return model

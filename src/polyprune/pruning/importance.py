@@ -249,7 +249,7 @@ def _batches(
 def _loss_fn(calib: Calibration) -> LossFn:
     if calib.loss_fn is not None:
         return calib.loss_fn
-    from polyprune.train import make_loss
+    from polyprune.losses import make_loss
 
     return make_loss("bce-dice")
 

@@ -41,12 +41,13 @@ from torch.utils.data import DataLoader, Subset
 
 from polyprune import distributed as dist_utils
 from polyprune.checks import check_number, check_size, check_threads
+from polyprune.counting import check_training_memory, count_macs, count_params
 from polyprune.errors import ConfigError, TargetError
 from polyprune.io import load_model, read_json, run_folder, save_model, write_json
-from polyprune.profile import count_params
 from polyprune.progress import is_main_process, log, progress_bar
-from polyprune.pruning.engine import SCOPES, count_macs, layer_widths, prune_model
+from polyprune.pruning.engine import SCOPES, prune_model
 from polyprune.pruning.importance import CRITERIA, REDUCES, SIGNALS
+from polyprune.structure import layer_widths
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 
@@ -218,8 +219,6 @@ class _Run:
         check_size(self.size, int(getattr(parent, "stride", 1)))
         # the parent itself is pruned in place below: distillation needs an unpruned copy
         self.teacher = copy.deepcopy(parent).eval() if cfg.distill > 0 else None
-        from polyprune.profile import check_training_memory
-
         check_training_memory(copy.deepcopy(parent).to("meta"), self.spec.size, cfg.batch)
         self.train_ds, self.val_ds = make_datasets(
             cfg.data,
@@ -253,7 +252,7 @@ class _Run:
         if dist_utils.rank() == 0:
             row = {
                 "params": count_params(model),
-                "macs": count_macs(model, torch.zeros(1, 3, self.size, self.size, device=self.device)),
+                "macs": count_macs(model, self.size),
                 "latency_ms": measure_latency(
                     model,
                     self.size,
@@ -631,7 +630,7 @@ def _prune_run(cfg: PruneConfig) -> dict[str, Any]:
 
 
 def _loss(name: str) -> Any:
-    from polyprune.train import make_loss
+    from polyprune.losses import make_loss
 
     return make_loss(name)
 
