@@ -27,7 +27,7 @@ import numpy as np
 from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
 from polyprune.export import export_onnx
-from polyprune.infer import Predictor
+from polyprune.predictor import Predictor
 from polyprune.io import load_model, write_json
 from polyprune.profile import system_info
 

@@ -52,6 +52,14 @@ def model_file(tmp_path_factory) -> Path:
     return save_model(path, build_model("unet", base_width=4), input_spec=InputSpec(size=32))
 
 
+@pytest.fixture(scope="module")
+def onnx_file(model_file, tmp_path_factory) -> Path:
+    """`model_file` exported to ONNX (static, 32 px)."""
+    from polyprune.export import export_onnx
+
+    return export_onnx(model_file, tmp_path_factory.mktemp("onnx") / "model.onnx").path
+
+
 @pytest.fixture
 def data(tmp_path, synth_dir) -> Path:
     """N_PAIRS synthetic pairs (64 px, images/*.jpg + masks/*.png) in a folder of this test's own."""

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from polyprune.cli import app, main
 from polyprune.errors import ConfigError, DataError, ModelFileError
 from polyprune.evaluate import evaluate_model, evaluate_predictions, results_table, summary_line
-from polyprune.infer import Predictor
 from polyprune.io import InputSpec, read_json, save_model
 from polyprune.metrics import METRIC_KEYS
 from polyprune.models import build_model
+from polyprune.predictor import Predictor
 
 H, W = 40, 48  # not the model size (32) and not square: predictions are resized to the GT
 

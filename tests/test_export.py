@@ -11,9 +11,9 @@ import torch
 
 from polyprune.errors import ConfigError, ModelFileError
 from polyprune.export import export_onnx, read_onnx_metadata, synthetic_image
-from polyprune.infer import Predictor
 from polyprune.io import InputSpec, load_model, save_model
 from polyprune.models import build_model
+from polyprune.predictor import Predictor
 
 SIZE = 32
 # what a physically pruned UNet is: every conv keeps its own, uneven number of channels

@@ -10,7 +10,7 @@ import pytest
 from cli_helpers import assert_error, assert_ok, cli
 from polyprune.errors import ConfigError, DataError
 from polyprune.export import export_onnx, read_onnx_metadata
-from polyprune.infer import Predictor
+from polyprune.predictor import Predictor
 from polyprune.quantize import INT8_KEY, calibration_images, export_int8, int8_record, quantize_onnx
 
 

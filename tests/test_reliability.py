@@ -364,7 +364,7 @@ def test_foreign_onnx_with_copied_metadata_is_refused(model_file, tmp_path, data
     import torch
 
     from polyprune.export import export_onnx
-    from polyprune.infer import Predictor
+    from polyprune.predictor import Predictor
 
     good = tmp_path / "good.onnx"
     export_onnx(model_file, good)

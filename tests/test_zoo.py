@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from polyprune.evaluate import evaluate_model
-from polyprune.infer import Predictor
 from polyprune.io import load_model, read_metadata
+from polyprune.predictor import Predictor
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
 MODELS = sorted(ZOO.glob("*.safetensors"))

@@ -583,7 +583,8 @@ def predict(
     json_out: JsonOut = None,
 ) -> None:
     """Predict masks and overlays for an image, a folder or a video; per-stage latency and FPS."""
-    from polyprune.infer import Predictor, predict_path, predict_summary
+    from polyprune.infer import predict_path, predict_summary
+    from polyprune.predictor import Predictor
     from polyprune.progress import log
 
     with Predictor(model, backend=backend, threads=threads) as predictor:

@@ -172,7 +172,7 @@ def _predictor(model: Any, backend: str, threads: int | None) -> Any:
     """A Predictor-like object (anything with `.predict(rgb) -> prob`), or one built from a path/module."""
     if callable(getattr(model, "predict", None)):
         return model
-    from polyprune.infer import Predictor  # here: scoring saved maps never needs the backends
+    from polyprune.predictor import Predictor  # here: scoring saved maps never needs the backends
 
     return Predictor(model, backend=backend, threads=threads)
 

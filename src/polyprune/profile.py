@@ -2,7 +2,7 @@
 
 Latency: batch 1, warm-up runs first, then `runs` timed runs; median, p90 and min in milliseconds.
 `torch_latency` times eager torch; `onnxruntime_latency` / `openvino_latency` time the runtime call on a
-preprocessed input through `infer.Predictor` (so the same session settings as deployment).
+preprocessed input through `predictor.Predictor` (so the same session settings as deployment).
 
 `benchmark_models` makes one row per model x size x backend. Peak memory there is the process's
 resident set size (RSS, /proc/self/statm) sampled every 5 ms from a helper thread while the model is
@@ -112,7 +112,7 @@ def _runtime_latency(
     precision: str | None = None,
 ) -> tuple[Latency, str]:
     """Latency of `Predictor.predict_logits` at batch 1 and the runtime's precision name."""
-    from polyprune.infer import Predictor
+    from polyprune.predictor import Predictor
 
     spec = _spec_at(model_or_path, size)
     with Predictor(

@@ -538,7 +538,7 @@ def plot_overlays(m: Model, out: Path) -> tuple[Path | None, str]:
     """
     from polyprune.data import find_samples, read_image, read_mask
     from polyprune.evaluate import read_prediction
-    from polyprune.infer import overlay
+    from polyprune.predictor import overlay
 
     parent = m.parent_model
     if parent is None:
