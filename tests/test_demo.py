@@ -13,7 +13,7 @@ from conftest import parse_table
 from polyprune.cli import app
 from polyprune.demo import MARKER, _prepare
 from polyprune.errors import ConfigError
-from polyprune.report import SCORE_COLUMNS
+from polyprune.report_catalog import SCORE_COLUMNS
 
 
 @pytest.fixture(scope="module")

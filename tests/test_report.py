@@ -13,7 +13,8 @@ import pytest
 from conftest import parse_table
 from polyprune.errors import ConfigError
 from polyprune.evaluate import CSV_KEYS
-from polyprune.report import pick_cases, write_report
+from polyprune.report import write_report
+from polyprune.report_plots import pick_cases
 
 SCORES = ("dice", "iou", "precision", "recall", "f2", "mean_dice", "mean_iou", "max_dice")
 SCORES += ("s_measure", "wf_measure", "mean_em", "max_em", "mae")
