@@ -3,7 +3,7 @@
 params, macs     polyprune.profile (torch FlopCounterMode, conv MACs) at the model's input size,
                  and macs_352 at 352 x 352
 val_dice         Dice@0.5 per image on the validation split carved from the parent's training
-                 pool (polyprune.train.validation_dice, fp32)
+                 pool (polyprune.fit.validation_dice, fp32)
 test             polyprune.evaluate.evaluate_model on Kvasir-SEG (PraNet test ids, 100) and
                  CVC-ClinicDB (PraNet test ids, 62): every metric of both protocols (Jha "dice" at
                  0.5; PraNet toolbox "mean_dice" over 256 thresholds), at GT resolution
@@ -23,10 +23,10 @@ from typing import Any
 from grid import Grid
 from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
+from polyprune.fit import validation_dice
 from polyprune.io import load_model
 from polyprune.profile import onnxruntime_latency
 from polyprune.pruning import layer_widths
-from polyprune.train import validation_dice
 
 
 def measure_model(

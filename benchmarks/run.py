@@ -22,7 +22,7 @@ random scores, fine-tuning order and augmentation, and the scratch model's initi
 Budgets (the same for every pruning method):
     prune rounds    `prune_steps` rounds; after round k the model is at target**(k/K) of the parent's
                     MACs (geometric), each round followed by finetune_iters/K fine-tuning steps
-                    (polyprune.train.fit: AdamW lr 1e-4 cosine, batch 8, the parent's loss and
+                    (polyprune.fit.fit: AdamW lr 1e-4 cosine, batch 8, the parent's loss and
                     precision; the round's weights are those of its best validation epoch)
     calibration     n_images (64) training images, unaugmented, seeded subset, for every
                     data-driven score (taylor-gradnorm, taylor, tp-taylor), re-scored every round
@@ -82,13 +82,15 @@ import grid as G
 import methods as M
 from measure import measure_latency, measure_model
 from polyprune.counting import count_macs
+from polyprune.device import resolve_precision, seed_everything
 from polyprune.errors import TargetError
+from polyprune.fit import fit, validation_dice
 from polyprune.io import InputSpec, atomic_write_text, load_model, read_json, save_model, write_json
 from polyprune.losses import make_loss
 from polyprune.models import build_model
 from polyprune.profile import system_info
 from polyprune.progress import log
-from polyprune.train import fit, make_datasets, resolve_precision, seed_everything, validation_dice
+from polyprune.train import make_datasets
 from report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -141,8 +143,8 @@ def first_ids(src: Path, n: int, dst: Path) -> Path:
 
 def seconds_per_step(model: torch.nn.Module, batch: int, size: int, precision: str) -> float:
     """Median wall time of one training step (forward, backward, AdamW) at batch x size, x1.15 for data."""
+    from polyprune.device import autocast
     from polyprune.losses import bce_dice_loss
-    from polyprune.train import autocast
 
     m = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(m.parameters(), lr=0.0, weight_decay=0.0)

@@ -27,8 +27,8 @@ import numpy as np
 from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
 from polyprune.export import export_onnx
-from polyprune.predictor import Predictor
 from polyprune.io import load_model, write_json
+from polyprune.predictor import Predictor
 from polyprune.profile import system_info
 
 DATA = Path(os.environ.get("POLYPRUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -6,16 +6,10 @@ import pytest
 import torch
 
 from polyprune.errors import ConfigError, TrainingError
+from polyprune.fit import dice_per_image, fit, validation_dice
 from polyprune.io import InputSpec, load_model
 from polyprune.models import build_model
-from polyprune.train import (
-    TrainConfig,
-    dice_per_image,
-    fit,
-    make_datasets,
-    train,
-    validation_dice,
-)
+from polyprune.train import TrainConfig, make_datasets, train
 
 
 def _cfg(synth_dir, out, **kw):
@@ -51,21 +45,21 @@ def test_training_lowers_the_loss_and_beats_all_background(tmp_path):
 
 
 def test_resume_equals_an_uninterrupted_run(synth_dir, tmp_path, monkeypatch):
-    import polyprune.train as train_mod
+    import polyprune.fit as fit_mod
 
     full = tmp_path / "full"
     train(_cfg(synth_dir, full, epochs=3))
     part = tmp_path / "part"
-    real_save = train_mod.save_checkpoint
+    real_save = fit_mod.save_checkpoint
 
     def save_then_die(*args, **kw):  # the process dies right after the epoch-1 checkpoint
         real_save(*args, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(fit_mod, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(synth_dir, part, epochs=3))
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(fit_mod, "save_checkpoint", real_save)
     train(_cfg(synth_dir, part, epochs=3, resume=True))
     from safetensors.torch import load_file
 
@@ -127,7 +121,7 @@ def test_encoder_unet_trains_saves_and_reloads(synth_dir, tmp_path, arch):
 
 
 def test_warmup_then_cosine_schedule():
-    from polyprune.train import learning_rate
+    from polyprune.fit import learning_rate
 
     lrs = [learning_rate(step, 100, 1.0, 10) for step in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear up over 10 steps

@@ -102,7 +102,7 @@ class PruneConfig:
 
 def check_config(cfg: PruneConfig) -> None:
     """ConfigError for any option that cannot work, before anything is loaded."""
-    from polyprune.train import check_training_numbers
+    from polyprune.fit import check_training_numbers
 
     if cfg.size is not None:
         check_size(cfg.size)
@@ -205,7 +205,8 @@ class _Run:
     """What a prune run needs besides its trajectory: parent, data, device, and how to measure / save."""
 
     def __init__(self, cfg: PruneConfig) -> None:
-        from polyprune.train import make_datasets, resolve_device, set_threads
+        from polyprune.device import resolve_device, set_threads
+        from polyprune.train import make_datasets
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -267,7 +268,7 @@ class _Run:
         return dist_utils.broadcast_object(row)
 
     def dice(self, model: nn.Module) -> float:
-        from polyprune.train import validation_dice
+        from polyprune.fit import validation_dice
 
         if len(self.val_ds) == 0:
             return float("nan")
@@ -278,7 +279,7 @@ class _Run:
     def finetune(
         self, model: nn.Module, *, epochs: int | None, iters: int | None, seed: int, desc: str, **kw: Any
     ) -> None:
-        from polyprune.train import fit
+        from polyprune.fit import fit
 
         fit(
             model,
@@ -473,7 +474,7 @@ def _check_same_options(traj_path: Path, was: dict[str, Any], cfg: PruneConfig) 
 
 
 def _prune_run(cfg: PruneConfig) -> dict[str, Any]:
-    from polyprune.train import seed_everything
+    from polyprune.device import seed_everything
 
     run = _Run(cfg)
     traj: dict[str, Any] | None = None
