@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from polyprune.io import atomic_path
+from polyprune.files import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "Kvasir-SEG"

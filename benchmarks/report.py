@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from grid import METHODS, Grid
-from polyprune.io import atomic_path, atomic_write_text, write_json
+from polyprune.files import atomic_path, atomic_write_text, write_json
 
 TESTS = (("kvasir", "Kvasir"), ("clinicdb", "ClinicDB"))
 

@@ -84,8 +84,9 @@ from measure import measure_latency, measure_model
 from polyprune.counting import count_macs
 from polyprune.device import resolve_precision, seed_everything
 from polyprune.errors import TargetError
+from polyprune.files import atomic_write_text, read_json, write_json
 from polyprune.fit import fit, validation_dice
-from polyprune.io import InputSpec, atomic_write_text, load_model, read_json, save_model, write_json
+from polyprune.io import InputSpec, load_model, save_model
 from polyprune.losses import make_loss
 from polyprune.models import build_model
 from polyprune.profile import system_info

@@ -27,7 +27,8 @@ import numpy as np
 from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
 from polyprune.export import export_onnx
-from polyprune.io import load_model, write_json
+from polyprune.files import write_json
+from polyprune.io import load_model
 from polyprune.predictor import Predictor
 from polyprune.profile import system_info
 

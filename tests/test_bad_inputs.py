@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 from cli_helpers import N_PAIRS, assert_error, assert_ok, cli, eval_args, real_cli, train_args
 from polyprune.data import read_image, read_mask
 from polyprune.errors import DataError, OutputError
-from polyprune.io import InputSpec, atomic_write_bytes, save_model, save_tensors, write_json
+from polyprune.files import atomic_write_bytes, write_json
+from polyprune.io import InputSpec, save_model, save_tensors
 from polyprune.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -628,7 +629,7 @@ def _code_lines(py: Path) -> dict[int, str]:
 
 
 def test_every_writer_in_the_package_is_atomic():
-    """Each raw write in src/ and benchmarks/ targets a temporary path from `atomic_path` (io.py: the
+    """Each raw write in src/ and benchmarks/ targets a temporary path from `atomic_path` (files.py: the
     helpers)."""
     stragglers = []
     for py in sorted([*SRC.rglob("*.py"), *(REPO / "benchmarks").glob("*.py")]):
@@ -640,7 +641,7 @@ def test_every_writer_in_the_package_is_atomic():
             if (py.name, line) in REVIEWED:
                 continue
             context = "\n".join(lines[max(0, n - 13) : n])
-            if py.name == "io.py" or "atomic_path(" in context:
+            if py.name == "files.py" or "atomic_path(" in context:
                 continue
             stragglers.append(f"{py.relative_to(REPO)}:{n}: {line}")
     assert not stragglers, "non-atomic writes:\n" + "\n".join(stragglers)

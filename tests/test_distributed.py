@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from polyprune.distributed import DistributedMismatchError, assert_same_across_ranks
-from polyprune.io import load_model, read_json
+from polyprune.files import read_json
+from polyprune.io import load_model
 from polyprune.pruning.importance import compute_importance, find_layers
 from polyprune.structure import layer_widths
 

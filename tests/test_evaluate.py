@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from polyprune.cli import app, main
 from polyprune.errors import ConfigError, DataError, ModelFileError
 from polyprune.evaluate import evaluate_model, evaluate_predictions, results_table, summary_line
-from polyprune.io import InputSpec, read_json, save_model
+from polyprune.files import read_json
+from polyprune.io import InputSpec, save_model
 from polyprune.metrics import METRIC_KEYS
 from polyprune.models import build_model
 from polyprune.predictor import Predictor

@@ -1,12 +1,11 @@
 import os
 import pickle
-import stat
 
 import pytest
 import torch
 
-from polyprune.errors import ModelFileError, OutputError
-from polyprune.io import InputSpec, atomic_path, load_model, read_metadata, save_model, write_json
+from polyprune.errors import ModelFileError
+from polyprune.io import InputSpec, load_model, read_metadata, save_model
 from polyprune.models import build_model
 
 
@@ -19,15 +18,6 @@ def test_save_load_roundtrip_identical_outputs(tmp_path):
     assert torch.equal(m(x), m2(x))
     meta = read_metadata(path)
     assert meta.input.size == 32 and meta.arch["name"] == "unet" and meta.train == {"epochs": 1}
-
-
-def test_atomic_path_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out.json"
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        tmp.write_text("partial")
-        raise RuntimeError("killed")
-    assert not target.exists()
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_not_safetensors_and_truncated_files(tmp_path):
@@ -70,12 +60,3 @@ def test_pickle_file_never_runs(tmp_path, monkeypatch):
     with pytest.raises(ModelFileError):
         load_model(evil)
     assert not marker.exists()
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_folder_is_an_output_error(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    with pytest.raises(OutputError, match="ro"):
-        write_json(ro / "a.json", {"a": 1})

@@ -155,7 +155,8 @@ def _loop_state(ckpt: Path) -> dict:
 
 WRITER = """
 import itertools, sys, torch
-from polyprune.io import save_tensors, write_json
+from polyprune.io import save_tensors
+from polyprune.files import write_json
 out = sys.argv[1]
 for i in itertools.count():
     save_tensors(f"{out}/t.safetensors", {"a": torch.full((500_000,), float(i))})

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from polyprune.errors import ConfigError, TargetError
-from polyprune.io import InputSpec, load_model, read_json, read_metadata, save_model
+from polyprune.files import read_json
+from polyprune.io import InputSpec, load_model, read_metadata, save_model
 from polyprune.models import build_model
 from polyprune.pruning import schedule
 from polyprune.pruning.schedule import PruneConfig, prune_run

@@ -19,7 +19,8 @@ import pytest
 
 from cli_helpers import assert_error, assert_ok, cli, eval_args, train_args
 from polyprune.errors import ConfigError
-from polyprune.io import InputSpec, save_model, write_json
+from polyprune.files import write_json
+from polyprune.io import InputSpec, save_model
 from polyprune.models import build_model
 from polyprune.train import TrainConfig
 
@@ -237,11 +238,11 @@ def test_overwrite_never_clears_a_folder_that_is_not_a_run(data, tmp_path, capsy
 
 
 def test_a_run_folder_held_by_another_process_is_refused(data, tmp_path, capsys):
-    from polyprune.io import run_folder
+    from polyprune.files import run_folder
 
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from polyprune.io import run_folder\nwith run_folder({str(run)!r}):\n"
+        [sys.executable, "-c", f"from polyprune.files import run_folder\nwith run_folder({str(run)!r}):\n"
          "    print('held', flush=True)\n    import time; time.sleep(60)"],
         stdout=subprocess.PIPE,
         text=True,

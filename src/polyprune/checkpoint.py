@@ -11,9 +11,7 @@ import torch
 from torch import nn
 
 from polyprune.errors import ModelFileError
-from polyprune.io import (
-    save_tensors,
-)
+from polyprune.io import save_tensors
 
 # ------------------------------------------------------------------------------------- checkpoint
 

@@ -38,7 +38,7 @@ Threads = Annotated[int | None, typer.Option(help="torch threads (default: all c
 
 def _echo_json(obj: object) -> None:
     from polyprune.errors import OutputError
-    from polyprune.io import json_text
+    from polyprune.files import json_text
     from polyprune.progress import is_main_process
 
     if not is_main_process():  # under torchrun one JSON document, from rank 0
@@ -54,7 +54,7 @@ def _echo_json(obj: object) -> None:
 
 def _emit_json(obj: object, target: str | None) -> None:
     """`--json OUT`: '-' prints on stdout, anything else is a file (written atomically, rank 0)."""
-    from polyprune.io import write_json
+    from polyprune.files import write_json
     from polyprune.progress import is_main_process
 
     if target == "-":
@@ -243,7 +243,7 @@ def evaluate(
 
     from polyprune.errors import ConfigError
     from polyprune.evaluate import evaluate_model, evaluate_predictions, results_table, summary_line
-    from polyprune.io import write_json
+    from polyprune.files import write_json
     from polyprune.progress import log
 
     if (model is None) == (preds is None):
@@ -530,7 +530,7 @@ def benchmark(
     """Params, MACs, latency (median / p90 / min), FPS and peak memory per model x backend x size."""
     from rich.console import Console
 
-    from polyprune.io import write_json
+    from polyprune.files import write_json
     from polyprune.profile import benchmark_models, benchmark_table, system_info
     from polyprune.progress import log
 

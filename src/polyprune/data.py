@@ -240,7 +240,7 @@ _quiet_state = {"depth": 0, "level": 0, "tifffile": 0}
 
 
 @contextlib.contextmanager
-def _quiet_opencv() -> Iterator[None]:
+def quiet_opencv() -> Iterator[None]:
     """Silence OpenCV's log (libtiff tags, "imdecode_: can't read data" for a truncated BMP/TIFF) and
     tifffile's logger while decoding: a bad file is reported once, as a DataError. Counted, so
     concurrent decoding threads restore the user's levels exactly."""
@@ -265,7 +265,7 @@ def _quiet_opencv() -> Iterator[None]:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _png_problem(data: np.ndarray) -> str | None:
+def png_problem(data: np.ndarray) -> str | None:
     """Walk a PNG's chunks (length, CRC, IEND) before libpng sees them: libpng prints its own
     'libpng error: ...' lines to stderr for a truncated or corrupt file before OpenCV gives up, and
     an error must stay one line. None for a sound PNG or for anything that is not a PNG."""
@@ -294,10 +294,10 @@ def _decode(path: str | Path, what: str) -> np.ndarray:
     """Decode a file with OpenCV (IMREAD_UNCHANGED, BGR order); DataError for anything unreadable."""
     path = Path(path)
     data = _read_bytes(path, what)
-    problem = _png_problem(data)
+    problem = png_problem(data)
     if problem:
         raise DataError(f"cannot decode {what}: {path} ({problem})")
-    with _quiet_opencv():
+    with quiet_opencv():
         try:
             img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
         except cv2.error:
@@ -366,11 +366,11 @@ def check_pair(sample: Sample) -> tuple[int, int]:
     if sample.mask is None:
         return image.shape[0], image.shape[1]
     mask = read_mask(sample.mask)
-    _check_sizes(sample, image, mask)
+    check_sizes(sample, image, mask)
     return image.shape[0], image.shape[1]
 
 
-def _check_sizes(sample: Sample, image: np.ndarray, mask: np.ndarray) -> None:
+def check_sizes(sample: Sample, image: np.ndarray, mask: np.ndarray) -> None:
     if image.shape[:2] != mask.shape[:2]:
         raise DataError(
             f"image {sample.image} is {image.shape[1]}x{image.shape[0]} but its mask {sample.mask} "
@@ -474,7 +474,7 @@ def _load_pair(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
     if sample.mask is None:
         raise DataError(f"no mask for image {sample.image}")
     mask = read_mask(sample.mask)
-    _check_sizes(sample, image, mask)
+    check_sizes(sample, image, mask)
     # the same resize as preprocess_image, so an unaugmented item equals what inference computes
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
     mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)

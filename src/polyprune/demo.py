@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from polyprune.errors import ConfigError
-from polyprune.io import atomic_write_text, read_json, write_json
+from polyprune.files import atomic_write_text, read_json, write_json
 from polyprune.progress import log
 
 MARKER = ".polyprune-demo"

@@ -34,3 +34,9 @@ class TrainingError(PolypruneError):
 
 class OutputError(PolypruneError):
     """An output file or folder cannot be written (read-only folder, full disk)."""
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """First line of an exception message, cut: errors stay one line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

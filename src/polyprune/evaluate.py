@@ -32,10 +32,9 @@ import cv2
 import numpy as np
 from rich.table import Table
 
-from polyprune.data import Sample, _png_problem, find_samples, read_ids, read_image, read_mask
-from polyprune.data import _check_sizes as check_sizes
-from polyprune.errors import ConfigError, DataError, ModelFileError
-from polyprune.io import _short, atomic_write_bytes, atomic_write_text, write_json
+from polyprune.data import Sample, check_sizes, find_samples, png_problem, read_ids, read_image, read_mask
+from polyprune.errors import ConfigError, DataError, ModelFileError, one_line
+from polyprune.files import atomic_write_bytes, atomic_write_text, write_json
 from polyprune.metrics import JHA_KEYS, SegmentationMeter, to_uint8_map
 from polyprune.progress import progress_bar
 
@@ -125,12 +124,12 @@ def read_prediction(path: Path) -> np.ndarray:
     """A saved map as the toolbox reads it: first channel of RGB (R), uint8; 16-bit -> float in [0, 1]."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
-        problem = "empty file" if data.size == 0 else _png_problem(data)  # libpng would print its own lines
+        problem = "empty file" if data.size == 0 else png_problem(data)  # libpng would print its own lines
         if problem:
             raise DataError(f"cannot decode prediction {path}: {problem}")
         img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except (OSError, cv2.error) as exc:
-        raise DataError(f"cannot read prediction {path} ({_short(exc)})") from exc
+        raise DataError(f"cannot read prediction {path} ({one_line(exc)})") from exc
     if img is None:
         raise DataError(f"cannot decode prediction {path}: not an image")
     if img.ndim == 3:

@@ -39,8 +39,9 @@ import torch
 from torch import nn
 
 from polyprune.checks import check_size
-from polyprune.errors import ConfigError, ModelFileError
-from polyprune.io import FORMAT_VERSION, InputSpec, _short, atomic_path, load_model, model_arch
+from polyprune.errors import ConfigError, ModelFileError, one_line
+from polyprune.files import atomic_path
+from polyprune.io import FORMAT_VERSION, InputSpec, load_model, model_arch
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -219,7 +220,7 @@ def _torch_export(
     except OSError:  # the disk, not the exporter (no space, read-only): atomic_path reports it
         raise
     except Exception as exc:  # any dynamo failure (unsupported op, missing onnxscript, ...): try legacy
-        reason = f"dynamo exporter failed ({type(exc).__name__}: {_short(exc)}); used the legacy exporter"
+        reason = f"dynamo exporter failed ({type(exc).__name__}: {one_line(exc)}); used the legacy exporter"
     try:
         with _quiet_exporter():
             axes = {
@@ -232,7 +233,7 @@ def _torch_export(
     except OSError:
         raise
     except Exception as exc:
-        raise ModelFileError(f"cannot export the model to ONNX: {reason}; legacy: {_short(exc)}") from exc
+        raise ModelFileError(f"cannot export the model to ONNX: {reason}; legacy: {one_line(exc)}") from exc
     return "legacy", reason
 
 
@@ -275,7 +276,7 @@ def read_onnx_metadata(path: str | Path) -> OnnxMeta:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise ModelFileError(f"{path} is not a readable ONNX file ({_short(exc)})") from exc
+        raise ModelFileError(f"{path} is not a readable ONNX file ({one_line(exc)})") from exc
     return parse_onnx_metadata({p.key: p.value for p in proto.metadata_props}, path)
 
 
@@ -298,7 +299,7 @@ def parse_onnx_metadata(raw: dict[str, str], path: str | Path) -> OnnxMeta:
         spec = InputSpec.from_dict(json.loads(raw["polyprune.input"])) if "polyprune.input" in raw else None
         arch = json.loads(raw["polyprune.arch"]) if raw.get("polyprune.arch") else None
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{path} has corrupt polyprune metadata ({_short(exc)})") from exc
+        raise ModelFileError(f"{path} has corrupt polyprune metadata ({one_line(exc)})") from exc
     return OnnxMeta(
         input=spec,
         arch=arch,
@@ -362,7 +363,7 @@ def ort_session(path: str | Path | bytes, threads: int | None = None):
         )
     except Exception as exc:  # ORT raises its own Fail / InvalidGraph / NoSuchFile types
         raise ModelFileError(
-            f"ONNX Runtime cannot load {path if not isinstance(path, bytes) else 'model'} ({_short(exc)})"
+            f"ONNX Runtime cannot load {path if not isinstance(path, bytes) else 'model'} ({one_line(exc)})"
         ) from exc
 
 

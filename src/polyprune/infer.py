@@ -16,9 +16,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from polyprune.data import _quiet_opencv
+from polyprune.data import quiet_opencv
 from polyprune.errors import ConfigError, DataError, OutputError
-from polyprune.io import atomic_path, atomic_write_bytes, write_json
+from polyprune.files import atomic_path, atomic_write_bytes, write_json
 from polyprune.pipeline import STAGES, run_pipeline
 from polyprune.predictor import Predictor
 
@@ -189,7 +189,7 @@ def _predict_video(
                     writer.write(bgr)
 
                 try:
-                    with _quiet_opencv():  # "Failed to write frame" per frame; reported once below
+                    with quiet_opencv():  # "Failed to write frame" per frame; reported once below
                         run = run_pipeline(
                             predictor,
                             frames(),

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from polyprune.data import preprocess_image
-from polyprune.errors import ConfigError, DataError, ModelFileError
-from polyprune.io import InputSpec, _short, load_model
+from polyprune.errors import ConfigError, DataError, ModelFileError, one_line
+from polyprune.io import InputSpec, load_model
 from polyprune.quantize import INT8_KEY
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
@@ -193,7 +193,7 @@ class Predictor:
         try:
             ov_model = core.read_model(str(path))
         except Exception as exc:
-            raise ModelFileError(f"OpenVINO cannot read {path} ({_short(exc)})") from exc
+            raise ModelFileError(f"OpenVINO cannot read {path} ({one_line(exc)})") from exc
         shape = ov_model.inputs[0].get_partial_shape()
         dims = [d.get_length() if d.is_static else None for d in shape]
         self._check_static_shape(path, dims, spec)

@@ -32,7 +32,7 @@ import numpy as np
 
 from polyprune.checks import check_choice, check_int, check_number, check_seed
 from polyprune.errors import ConfigError, DataError, ModelFileError
-from polyprune.io import atomic_path
+from polyprune.files import atomic_path
 from polyprune.progress import progress_bar
 
 METHODS = ("minmax", "percentile", "entropy")

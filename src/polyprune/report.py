@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from polyprune.errors import ConfigError
-from polyprune.io import atomic_write_text
+from polyprune.files import atomic_write_text
 from polyprune.report_catalog import BACKEND_LABELS, MISSING, SCORE_COLUMNS, Catalog, Model, finite
 from polyprune.report_plots import plot_dice_vs, plot_overlays, plot_trajectories, plot_widths
 

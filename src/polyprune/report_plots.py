@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from polyprune.io import atomic_path
+from polyprune.files import atomic_path
 from polyprune.report_catalog import (
     N_TYPICAL,
     N_WORST,

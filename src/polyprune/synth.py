@@ -29,7 +29,7 @@ import numpy as np
 
 from polyprune.checks import check_seed
 from polyprune.errors import ConfigError
-from polyprune.io import atomic_write_bytes
+from polyprune.files import atomic_write_bytes
 from polyprune.progress import progress_bar
 
 MIN_SIZE = 32

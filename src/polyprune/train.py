@@ -19,15 +19,9 @@ from polyprune import distributed as dist_utils
 from polyprune.checks import check_choice, check_int, check_number, check_size, check_threads
 from polyprune.device import resolve_device, seed_everything, set_threads
 from polyprune.errors import ConfigError
+from polyprune.files import run_folder, write_json
 from polyprune.fit import check_training_numbers, fit
-from polyprune.io import (
-    InputSpec,
-    load_model,
-    read_metadata,
-    run_folder,
-    save_model,
-    write_json,
-)
+from polyprune.io import InputSpec, load_model, read_metadata, save_model
 from polyprune.losses import LOSSES
 from polyprune.progress import is_main_process, log
 
@@ -240,7 +234,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """`polyprune train`: build a UNet, fit it, write RUN/model.safetensors + history.json.
 
     Returns a summary: best validation Dice, epochs, minutes, params, MACs, paths. The run folder is
-    held (`io.run_folder`) by rank 0 while training: not empty -> refused unless resume / overwrite.
+    held (`files.run_folder`) by rank 0 while training: not empty -> refused unless resume / overwrite.
     """
     claim = (
         run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)

@@ -43,7 +43,8 @@ from polyprune import distributed as dist_utils
 from polyprune.checks import check_number, check_size, check_threads
 from polyprune.counting import check_training_memory, count_macs, count_params
 from polyprune.errors import ConfigError, TargetError
-from polyprune.io import load_model, read_json, run_folder, save_model, write_json
+from polyprune.files import read_json, run_folder, write_json
+from polyprune.io import load_model, save_model
 from polyprune.progress import is_main_process, log, progress_bar
 from polyprune.pruning.engine import SCOPES, prune_model
 from polyprune.pruning.importance import CRITERIA, REDUCES, SIGNALS
