@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli_helpers import N_PAIRS, assert_error, assert_ok, cli, eval_args, real_cli, train_args
-from polyprune.data import read_image, read_mask
 from polyprune.errors import DataError, OutputError
 from polyprune.files import atomic_write_bytes, write_json
+from polyprune.images import read_image, read_mask
 from polyprune.io import InputSpec, save_model, save_tensors
 from polyprune.models import build_model
 

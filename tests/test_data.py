@@ -14,19 +14,16 @@ import pytest
 import torch
 
 from polyprune.data import (
-    Sample,
     SegmentationDataset,
-    check_pair,
     check_size,
     detect_layout,
     find_samples,
     preprocess_image,
     read_ids,
-    read_image,
-    read_mask,
     split_samples,
 )
 from polyprune.errors import ConfigError, DataError
+from polyprune.images import Sample, check_pair, read_image, read_mask
 from polyprune.io import InputSpec
 
 KVASIR_IDS = ("cju0qkwl35piu0993l0dewei2", "cju0qoxqj9q6s0835b43399p4", "cju0qx73cjw570799j4n5cjze")

@@ -236,7 +236,7 @@ def test_cli_option_errors_exit_2(dataset, monkeypatch, capsys, extra, message):
 
 @pytest.mark.realdata
 def test_real_kvasir_gt_blurred_and_shifted(shared_data, tmp_path):
-    from polyprune.data import read_mask
+    from polyprune.images import read_mask
 
     kvasir = shared_data / "Kvasir-SEG"
     ids = (shared_data / "splits" / "kvasir_pranet_test.txt").read_text().split()[:4]

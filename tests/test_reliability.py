@@ -289,7 +289,7 @@ def test_lossless_label_maps_are_read_as_polyp(label, tmp_path):
     import cv2
     import numpy as np
 
-    from polyprune.data import read_mask
+    from polyprune.images import read_mask
 
     m = np.zeros((20, 30), np.uint8)
     m[5:10, 8:20] = label
@@ -302,7 +302,7 @@ def test_a_jpeg_label_map_warns_in_one_line(tmp_path):
     import cv2
     import numpy as np
 
-    from polyprune.data import read_mask
+    from polyprune.images import read_mask
 
     m = np.zeros((32, 32), np.uint8)
     m[8:24, 8:24] = 100
@@ -343,8 +343,8 @@ def test_a_30000_px_image_is_refused_not_decoded(tmp_path):
     import cv2
     import numpy as np
 
-    from polyprune.data import read_image
     from polyprune.errors import DataError
+    from polyprune.images import read_image
 
     _ok, buf = cv2.imencode(".png", np.zeros((30000, 30000), np.uint8))  # 900 Mpx, ~1 MB compressed
     (tmp_path / "huge.png").write_bytes(buf.tobytes())

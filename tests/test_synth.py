@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from polyprune.data import detect_layout, find_samples, read_image, read_mask
+from polyprune.data import detect_layout, find_samples
 from polyprune.errors import ConfigError
+from polyprune.images import read_image, read_mask
 from polyprune.synth import make_synthetic_dataset, synth_sample
 
 

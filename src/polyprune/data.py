@@ -1,4 +1,4 @@
-"""Datasets: layout detection, image/mask pairing, decoding (OpenCV), splits, augmentation.
+"""Datasets: layout detection, image/mask pairing, splits, augmentation (decoding: `images`).
 
 Layouts `detect_layout(root)` recognizes (folder names are matched case-insensitively):
 
@@ -8,7 +8,7 @@ Layouts `detect_layout(root)` recognizes (folder names are matched case-insensit
     folders       any other image folder (image(s), img(s), original) + mask folder (mask(s), label(s),
                   gt, ground truth)
 
-`find_samples` pairs image and mask by file stem. Decoding always goes through `read_image` /
+`find_samples` pairs image and mask by file stem. Decoding always goes through `images.read_image` /
 `read_mask`: bytes -> OpenCV, so odd paths work, .tif files Pillow refuses open, and a file that does not
 decode is a `DataError` naming it. Images come back RGB uint8 (H, W, 3); masks uint8 {0, 1} (> 127,
 which also cleans JPEG masks like Kvasir's). EXIF orientation is ignored for images and masks alike,
@@ -22,17 +22,11 @@ resumed run sees the same batches; `set_epoch` writes to shared memory, so DataL
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import os
 import random
-import threading
-import warnings
-import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +38,7 @@ import torch
 
 from polyprune.checks import check_size
 from polyprune.errors import ConfigError, DataError
+from polyprune.images import Sample, check_sizes, read_image, read_mask, warn_data
 from polyprune.io import InputSpec
 from polyprune.progress import progress_bar
 
@@ -68,13 +63,6 @@ def preprocess_image(image_rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class Sample:
-    id: str  # file stem
-    image: Path
-    mask: Path | None
 
 
 def _norm(name: str) -> str:
@@ -139,10 +127,6 @@ def detect_layout(root: str | Path) -> str:
     raise DataError(f"no image/mask folders (e.g. images/ + masks/) in {root}{hint}")
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
-
-
 def _list_names(paths: Sequence[object], limit: int = 20) -> str:
     names = [str(p) for p in paths]
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -162,7 +146,7 @@ def _by_stem(folder: Path) -> dict[str, Path]:
             raise DataError(f"two files with the id {p.stem!r} in {folder}: {files[p.stem].name}, {p.name}")
         files[p.stem] = p
     if others:
-        _warn(f"ignored {len(others)} non-image files in {folder}: {_list_names(others)}")
+        warn_data(f"ignored {len(others)} non-image files in {folder}: {_list_names(others)}")
     return files
 
 
@@ -193,189 +177,13 @@ def find_samples(root: str | Path, *, require_masks: bool = True, skip_bad: bool
     if missing and not skip_bad:
         raise DataError(f"no mask for image {missing[0]} in {mask_dir} ({len(missing)} images lack a mask)")
     if missing:
-        _warn(f"skipped {len(missing)} images without a mask in {mask_dir}: {_list_names(missing)}")
+        warn_data(f"skipped {len(missing)} images without a mask in {mask_dir}: {_list_names(missing)}")
     orphans = sorted(set(masks) - set(images))
     if orphans:
-        _warn(f"{len(orphans)} masks in {mask_dir} have no image: {_list_names(orphans)}")
+        warn_data(f"{len(orphans)} masks in {mask_dir} have no image: {_list_names(orphans)}")
     if not samples:
         raise DataError(f"no usable image/mask pairs in {root}")
     return samples
-
-
-# ---------------------------------------------------------------------------------------------- decode
-
-
-def _read_bytes(path: Path, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    if data.size == 0:
-        raise DataError(f"cannot decode {what}: {path} (empty file)")
-    return data
-
-
-def _tiff_samples(data: np.ndarray, decoded: np.ndarray | None) -> np.ndarray | None:
-    """OpenCV reads a TIFF with 3 samples but a grayscale photometric tag (the original CVC-ClinicDB
-    .tif files) as one channel, silently dropping colour. tifffile (installed with scikit-image) reads
-    every sample; its RGB result is returned as BGR, like OpenCV's."""
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(io.BytesIO(data.tobytes())) as tif:
-            arr = tif.pages[0].asarray()
-    except Exception:  # not importable, or a TIFF tifffile cannot read: keep OpenCV's answer
-        return decoded
-    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
-        arr = np.moveaxis(arr, 0, -1)  # planar (separate) samples
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        return np.ascontiguousarray(arr[..., [2, 1, 0, *range(3, arr.shape[-1])]])
-    return decoded
-
-
-_quiet_lock = threading.Lock()
-_quiet_state = {"depth": 0, "level": 0, "tifffile": 0}
-
-
-@contextlib.contextmanager
-def quiet_opencv() -> Iterator[None]:
-    """Silence OpenCV's log (libtiff tags, "imdecode_: can't read data" for a truncated BMP/TIFF) and
-    tifffile's logger while decoding: a bad file is reported once, as a DataError. Counted, so
-    concurrent decoding threads restore the user's levels exactly."""
-    tiff_log = logging.getLogger("tifffile")
-    with _quiet_lock:
-        if _quiet_state["depth"] == 0:
-            _quiet_state["level"] = cv2.utils.logging.getLogLevel()
-            _quiet_state["tifffile"] = tiff_log.level
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-            tiff_log.setLevel(logging.CRITICAL + 1)
-        _quiet_state["depth"] += 1
-    try:
-        yield
-    finally:
-        with _quiet_lock:
-            _quiet_state["depth"] -= 1
-            if _quiet_state["depth"] == 0:
-                cv2.utils.logging.setLogLevel(_quiet_state["level"])
-                tiff_log.setLevel(_quiet_state["tifffile"])
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_problem(data: np.ndarray) -> str | None:
-    """Walk a PNG's chunks (length, CRC, IEND) before libpng sees them: libpng prints its own
-    'libpng error: ...' lines to stderr for a truncated or corrupt file before OpenCV gives up, and
-    an error must stay one line. None for a sound PNG or for anything that is not a PNG."""
-    if data.size < 8 or data[:8].tobytes() != _PNG_SIGNATURE:
-        return None
-    buf = memoryview(data)
-    pos = 8
-    while pos + 12 <= len(buf):
-        length = int.from_bytes(buf[pos : pos + 4], "big")
-        end = pos + 12 + length
-        if end > len(buf):
-            return "truncated PNG"
-        kind = bytes(buf[pos + 4 : pos + 8])
-        critical = kind[:1].isupper()  # libpng only warns about ancillary chunks (tEXt, iCCP, ...)
-        if critical and zlib.crc32(buf[pos + 4 : pos + 8 + length]) != int.from_bytes(
-            buf[end - 4 : end], "big"
-        ):
-            return f"corrupt PNG: CRC error in chunk {kind.decode('latin-1')!r}"
-        if kind == b"IEND":
-            return None
-        pos = end
-    return "truncated PNG"
-
-
-def _decode(path: str | Path, what: str) -> np.ndarray:
-    """Decode a file with OpenCV (IMREAD_UNCHANGED, BGR order); DataError for anything unreadable."""
-    path = Path(path)
-    data = _read_bytes(path, what)
-    problem = png_problem(data)
-    if problem:
-        raise DataError(f"cannot decode {what}: {path} ({problem})")
-    with quiet_opencv():
-        try:
-            img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-        except cv2.error:
-            img = None
-        if path.suffix.lower() in (".tif", ".tiff") and (img is None or img.ndim == 2):
-            img = _tiff_samples(data, img)
-    if img is None or img.size == 0:
-        why = " (or it is over OpenCV's OPENCV_IO_MAX_IMAGE_PIXELS limit)" if len(data) > 2**16 else ""
-        raise DataError(f"cannot decode {what}: {path}{why}")
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[..., 0]
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (2, 3, 4)):
-        raise DataError(f"unsupported {what} shape {img.shape}: {path}")
-    return _to_uint8(img, path, what)
-
-
-def _to_uint8(img: np.ndarray, path: Path, what: str) -> np.ndarray:
-    if img.dtype == np.uint8:
-        return img
-    if img.dtype == np.uint16:
-        return ((img.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if img.dtype in (np.float32, np.float64):
-        scale = 255.0 if np.nanmax(img) <= 1.0 else 1.0  # float images in [0, 1] or [0, 255]
-        return np.clip(np.nan_to_num(img) * scale + 0.5, 0, 255).astype(np.uint8)
-    raise DataError(f"unsupported {what} pixel type {img.dtype}: {path}")
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3): gray -> 3 channels, alpha dropped, 16-bit -> 8-bit."""
-    img = _decode(path, "image")
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 2:  # gray + alpha
-        return cv2.cvtColor(np.ascontiguousarray(img[..., 0]), cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """A mask file as uint8 (H, W) in {0, 1}: colour -> max over channels, 16-bit -> 8-bit, > 127.
-
-    The rule: a value > 127 is polyp. A lossless mask (PNG, TIFF, BMP) whose values are all <= 127
-    but not all 0 is a label map ({0,1}, {0,2}, {0,100}: common outside Kvasir/CVC): there every
-    nonzero pixel is polyp, since thresholding it at 127 would silently empty it. JPEG masks are always
-    thresholded (their compression noise near 0 is not a label); one whose maximum is 32..127 gets a
-    warning, as it looks like a label map saved as JPEG.
-    """
-    path = Path(path)
-    m = _decode(path, "mask")
-    if m.ndim == 3 and m.shape[2] == 4 and not m[..., :3].any():
-        m = m[..., 3]  # black colour, the mask drawn in the alpha channel
-    elif m.ndim == 3:
-        m = m[..., 0] if m.shape[2] == 2 else m[..., :3].max(axis=2)
-    top = int(m.max())
-    if path.suffix.lower() not in (".jpg", ".jpeg") and 0 < top <= 127:
-        return (m > 0).astype(np.uint8)  # a lossless label map ({0,1}, {0,2}, {0,100}, ...): nonzero is polyp
-    if path.suffix.lower() in (".jpg", ".jpeg") and 32 <= top <= 127:
-        _warn(f"mask {path} has no value above 127 (max {top}): read as empty; a label map saved as JPEG?")
-    return (m > 127).astype(np.uint8)
-
-
-def check_pair(sample: Sample) -> tuple[int, int]:
-    """Decode image and mask; DataError when their sizes differ. Returns (H, W)."""
-    image = read_image(sample.image)
-    if sample.mask is None:
-        return image.shape[0], image.shape[1]
-    mask = read_mask(sample.mask)
-    check_sizes(sample, image, mask)
-    return image.shape[0], image.shape[1]
-
-
-def check_sizes(sample: Sample, image: np.ndarray, mask: np.ndarray) -> None:
-    if image.shape[:2] != mask.shape[:2]:
-        raise DataError(
-            f"image {sample.image} is {image.shape[1]}x{image.shape[0]} but its mask {sample.mask} "
-            f"is {mask.shape[1]}x{mask.shape[0]}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -529,7 +337,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             pool.shutdown(cancel_futures=True)  # a DataError stops the remaining decodes
         if self.skipped:
             listing = "; ".join(reason for _, reason in self.skipped)
-            _warn(f"skipped {len(self.skipped)} unusable samples: {listing}")
+            warn_data(f"skipped {len(self.skipped)} unusable samples: {listing}")
         if not kept:
             raise DataError(f"none of the {len(samples)} samples could be loaded")
         self.samples: list[Sample] = kept

@@ -32,9 +32,10 @@ import cv2
 import numpy as np
 from rich.table import Table
 
-from polyprune.data import Sample, check_sizes, find_samples, png_problem, read_ids, read_image, read_mask
+from polyprune.data import find_samples, read_ids
 from polyprune.errors import ConfigError, DataError, ModelFileError, one_line
 from polyprune.files import atomic_write_bytes, atomic_write_text, write_json
+from polyprune.images import Sample, check_sizes, png_problem, read_image, read_mask
 from polyprune.metrics import JHA_KEYS, SegmentationMeter, to_uint8_map
 from polyprune.progress import progress_bar
 

@@ -390,7 +390,7 @@ def synthetic_image(height: int, width: int, *, seed: int = 0) -> np.ndarray:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image to RGB uint8 (`polyprune.data.read_image`: DataError naming the file)."""
-    from polyprune.data import read_image
+    """Decode an image to RGB uint8 (`polyprune.images.read_image`: DataError naming the file)."""
+    from polyprune.images import read_image
 
     return read_image(path)

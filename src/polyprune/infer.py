@@ -16,9 +16,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from polyprune.data import quiet_opencv
 from polyprune.errors import ConfigError, DataError, OutputError
 from polyprune.files import atomic_path, atomic_write_bytes, write_json
+from polyprune.images import quiet_opencv
 from polyprune.pipeline import STAGES, run_pipeline
 from polyprune.predictor import Predictor
 
@@ -124,7 +124,7 @@ def list_images(source: Path) -> list[tuple[str, Path]]:
 def _predict_images(
     predictor: Predictor, source: Path, out_dir: Path, *, stream: bool, progress: bool, queue_size: int
 ) -> dict[str, Any]:
-    from polyprune.data import read_image
+    from polyprune.images import read_image
 
     files = list_images(source)
 

@@ -49,7 +49,7 @@ PraNet protocol (replicates `eval/main.m` of the PraNet MATLAB toolbox)
                      the dataset curve like the Dice. pysodmetrics binarizes with `>=`; the toolbox's
                      main.m uses `>` for E_phi only, so E_phi can differ from the toolbox in the 3rd digit.
         mae        = mean |map - G| on the normalized map
-    GT binarization: the toolbox uses `gt > 128`; `polyprune.data.read_mask` uses `> 127` (pixels of
+    GT binarization: the toolbox uses `gt > 128`; `polyprune.images.read_mask` uses `> 127` (pixels of
     value 128 in a raw mask differ).
 """
 

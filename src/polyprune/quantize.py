@@ -91,7 +91,8 @@ class _Reader:
         self._it: Iterator[dict[str, np.ndarray]] | None = None
 
     def _gen(self) -> Iterator[dict[str, np.ndarray]]:
-        from polyprune.data import preprocess_image, read_image
+        from polyprune.data import preprocess_image
+        from polyprune.images import read_image
 
         for p in self._images:
             yield {self._name: preprocess_image(read_image(p), self._spec)[None]}
@@ -271,7 +272,8 @@ def export_int8(
 
 def _compare(fp32: Any, int8: Any, images: Sequence[Path], spec: Any, progress: bool) -> tuple[float, float]:
     """(mean |p_fp32 - p_int8|, mean Dice@threshold between their masks) over `images`."""
-    from polyprune.data import preprocess_image, read_image
+    from polyprune.data import preprocess_image
+    from polyprune.images import read_image
 
     name = fp32.get_inputs()[0].name
     diffs, dices = [], []

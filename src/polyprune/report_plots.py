@@ -156,8 +156,9 @@ def plot_overlays(m: Model, out: Path) -> tuple[Path | None, str]:
 
     Returns (PNG or None, a one-line note saying what was shown or why nothing could be).
     """
-    from polyprune.data import find_samples, read_image, read_mask
+    from polyprune.data import find_samples
     from polyprune.evaluate import read_prediction
+    from polyprune.images import read_image, read_mask
     from polyprune.predictor import overlay
 
     parent = m.parent_model
