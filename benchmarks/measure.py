@@ -1,13 +1,13 @@
 """What every cell records about its model file: size, compute, accuracy (val and test), ONNX Runtime latency.
 
-params, macs     polyprune.profile (torch FlopCounterMode, conv MACs) at the model's input size,
+params, macs     polyprune.counting (torch FlopCounterMode, conv MACs) at the model's input size,
                  and macs_352 at 352 x 352
 val_dice         Dice@0.5 per image on the validation split carved from the parent's training
                  pool (polyprune.fit.validation_dice, fp32)
 test             polyprune.evaluate.evaluate_model on Kvasir-SEG (PraNet test ids, 100) and
                  CVC-ClinicDB (PraNet test ids, 62): every metric of both protocols (Jha "dice" at
                  0.5; PraNet toolbox "mean_dice" over 256 thresholds), at GT resolution
-latency          polyprune.profile.onnxruntime_latency: static ONNX export at each size, batch 1,
+latency          polyprune.latency.onnxruntime_latency: static ONNX export at each size, batch 1,
                  `latency_threads` intra-op threads, `warmup` untimed runs, then median / p90 /
                  min of `runs` timed runs of the session call on a preprocessed input. Measured
                  once with the cell, then again for every model in one back-to-back pass when the
@@ -25,7 +25,7 @@ from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
 from polyprune.fit import validation_dice
 from polyprune.io import load_model
-from polyprune.profile import onnxruntime_latency
+from polyprune.latency import onnxruntime_latency
 from polyprune.pruning import layer_widths
 
 

@@ -16,7 +16,7 @@ calibration images our data-driven criteria see, backpropagated once per prune r
 in eval mode (BatchNorm statistics untouched); torch-pruning prunes .grad with the weights, so the
 progressive steps of one round rank on that gradient. Global ranking and round_to=8 make its widths
 as latency-friendly as ours (same rounding), so the latency comparison is fair. MACs are counted with
-polyprune.profile (torch's FlopCounterMode), not tp.utils.count_ops_and_params, for every method.
+polyprune.counting (torch's FlopCounterMode), not tp.utils.count_ops_and_params, for every method.
 
 MACs targets are checked on a small example input (4 x the stride): every conv's MACs scale with its
 output H x W, so MACs ratios are exact at any input size, and the search is ~9x cheaper than at 192 px.

@@ -81,6 +81,7 @@ from torch.utils.data import DataLoader, Subset
 import grid as G
 import methods as M
 from measure import measure_latency, measure_model
+from polyprune.benchmark import system_info
 from polyprune.counting import count_macs
 from polyprune.device import resolve_precision, seed_everything
 from polyprune.errors import TargetError
@@ -89,7 +90,6 @@ from polyprune.fit import fit, validation_dice
 from polyprune.io import InputSpec, load_model, save_model
 from polyprune.losses import make_loss
 from polyprune.models import build_model
-from polyprune.profile import system_info
 from polyprune.progress import log
 from polyprune.train import make_datasets
 from report import write_report

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from polyprune.benchmark import system_info
 from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
 from polyprune.export import export_onnx
 from polyprune.files import write_json
 from polyprune.io import load_model
 from polyprune.predictor import Predictor
-from polyprune.profile import system_info
 
 DATA = Path(os.environ.get("POLYPRUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TESTS = {

@@ -384,8 +384,8 @@ def test_foreign_onnx_with_copied_metadata_is_refused(model_file, tmp_path, data
 
 
 def test_benchmark_of_a_static_onnx_runs_at_its_own_size(model_file, tmp_path, capsys):
+    from polyprune.benchmark import benchmark_models
     from polyprune.export import export_onnx
-    from polyprune.profile import benchmark_models
 
     onnx_path = tmp_path / "m.onnx"
     export_onnx(model_file, onnx_path, size=64)  # static 64 px

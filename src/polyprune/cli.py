@@ -530,8 +530,8 @@ def benchmark(
     """Params, MACs, latency (median / p90 / min), FPS and peak memory per model x backend x size."""
     from rich.console import Console
 
+    from polyprune.benchmark import benchmark_models, benchmark_table, system_info
     from polyprune.files import write_json
-    from polyprune.profile import benchmark_models, benchmark_table, system_info
     from polyprune.progress import log
 
     rows = benchmark_models(

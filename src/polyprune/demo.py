@@ -151,9 +151,9 @@ def run_demo(
     the benchmark (None: BENCH_THREADS = 2). `progress`: bars and the stages' own log lines. `echo`:
     the one-line stage summaries (stderr).
     """
+    from polyprune.benchmark import benchmark_models, system_info
     from polyprune.evaluate import evaluate_model
     from polyprune.export import export_onnx
-    from polyprune.profile import benchmark_models, system_info
     from polyprune.pruning.schedule import PruneConfig, prune_run
     from polyprune.report import write_report
     from polyprune.synth import make_synthetic_dataset

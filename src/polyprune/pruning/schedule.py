@@ -161,12 +161,12 @@ def check_config(cfg: PruneConfig) -> None:
 
 
 def _latency_fn(backend: str) -> Any:
-    """polyprune.profile.<backend>_latency(model, size, *, runs, threads) -> Latency."""
-    from polyprune import profile
+    """polyprune.latency.<backend>_latency(model, size, *, runs, threads) -> Latency."""
+    from polyprune import latency
 
-    fn = getattr(profile, f"{backend}_latency", None)
+    fn = getattr(latency, f"{backend}_latency", None)
     if fn is None:
-        raise ConfigError(f"--backend {backend} is not available: polyprune.profile has no {backend}_latency")
+        raise ConfigError(f"--backend {backend} is not available: polyprune.latency has no {backend}_latency")
     return fn
 
 
@@ -180,7 +180,7 @@ def measure_latency(
 ) -> float:
     """Median ms at batch 1; runtimes other than torch get a CPU copy of the model. `int8_calib`: time
     the INT8 deployment instead (quantized on those images), as `--int8` asks."""
-    from polyprune.profile import int8_latency
+    from polyprune.latency import int8_latency
 
     if backend != "torch" and next(model.parameters()).device.type != "cpu":
         model = copy.deepcopy(model).cpu()

@@ -7,18 +7,13 @@ import json
 import numpy as np
 import pytest
 
+from polyprune.benchmark import PeakRSS, benchmark_models, resolve_backends
 from polyprune.counting import count_params
 from polyprune.errors import ConfigError
 from polyprune.export import export_onnx
 from polyprune.io import InputSpec, save_model
+from polyprune.latency import onnxruntime_latency, openvino_latency
 from polyprune.models import build_model
-from polyprune.profile import (
-    PeakRSS,
-    benchmark_models,
-    onnxruntime_latency,
-    openvino_latency,
-    resolve_backends,
-)
 
 SIZE = 32
 ROW_KEYS = {
@@ -145,7 +140,7 @@ def test_cli_benchmark(models, tmp_path):
 def test_model_labels_tell_run_folders_apart():
     from pathlib import Path
 
-    from polyprune.profile import model_labels
+    from polyprune.benchmark import model_labels
 
     runs = [Path("/x/parent/model.safetensors"), Path("/x/pruned/model.safetensors")]
     assert model_labels(runs) == ["parent/model.safetensors", "pruned/model.safetensors"]

@@ -1,0 +1,165 @@
+"""Latency of one forward pass at batch 1: warm-up runs first, then `runs` timed runs; median, p90 and min
+in milliseconds. `torch_latency` times eager torch; `onnxruntime_latency` / `int8_latency` /
+`openvino_latency` time the runtime call on a preprocessed input through `predictor.Predictor` (the same
+session settings as deployment)."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from polyprune.io import InputSpec
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+
+    @property
+    def fps(self) -> float:
+        return 1000.0 / self.median_ms if self.median_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "fps": self.fps}
+
+
+def time_callable(fn: Callable[[], object], *, runs: int = 20, warmup: int = 3) -> Latency:
+    """Median / p90 / min wall time of `fn()` over `runs` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    times.sort()
+    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
+    return Latency(median_ms=statistics.median(times), p90_ms=p90, min_ms=times[0], runs=runs)
+
+
+def torch_latency(
+    model: nn.Module, size: int, *, runs: int = 20, warmup: int = 3, threads: int | None = None
+) -> Latency:
+    """Eager torch latency at batch 1 (eval, inference mode) on the model's device."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = next(model.parameters()).device
+    model.eval()
+    x = torch.randn(1, 3, size, size, device=device)
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return time_callable(run, runs=runs, warmup=warmup)
+
+
+# ---------------------------------------------------------------------------------------- runtimes
+
+
+def _spec_at(model_or_path: str | Path | nn.Module, size: int) -> InputSpec:
+    """The model's InputSpec (ImageNet defaults if it has none) with `size` replaced."""
+    if isinstance(model_or_path, nn.Module):
+        meta = getattr(model_or_path, "polyprune_meta", None)
+        spec = meta.input if meta else InputSpec.for_model(model_or_path)
+    elif Path(model_or_path).suffix.lower() == ".onnx":
+        from polyprune.export import read_onnx_metadata
+
+        spec = read_onnx_metadata(model_or_path).input or InputSpec()
+    else:
+        from polyprune.io import read_metadata
+
+        spec = read_metadata(model_or_path).input
+    return replace(spec, size=int(size))
+
+
+def runtime_latency(
+    backend: str,
+    model_or_path: str | Path | nn.Module,
+    size: int,
+    *,
+    runs: int,
+    warmup: int,
+    threads: int | None,
+    precision: str | None = None,
+) -> tuple[Latency, str]:
+    """Latency of `Predictor.predict_logits` at batch 1 and the runtime's precision name."""
+    from polyprune.predictor import Predictor
+
+    spec = _spec_at(model_or_path, size)
+    with Predictor(
+        model_or_path, backend=backend, threads=threads, input_spec=spec, precision=precision
+    ) as p:
+        x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+        lat = time_callable(lambda: p.predict_logits(x), runs=runs, warmup=warmup)
+        return lat, p.precision
+
+
+def onnxruntime_latency(
+    model_or_onnx_path: str | Path | nn.Module,
+    size: int,
+    *,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> Latency:
+    """ONNX Runtime (CPU) latency at batch 1. A module or .safetensors file is first exported (static, at
+    `size`) to a temporary file; a static .onnx file must have been exported at `size`."""
+    return runtime_latency(
+        "onnxruntime", model_or_onnx_path, size, runs=runs, warmup=warmup, threads=threads
+    )[0]
+
+
+def int8_latency(
+    model: nn.Module,
+    size: int,
+    calib: Sequence[str | Path],
+    *,
+    backend: str = "onnxruntime",
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> Latency:
+    """Latency of the model as it would be deployed in INT8: exported at `size`, quantized statically
+    (ONNX Runtime's quantizer, calibrated on `calib` images), then timed on `backend`."""
+    from polyprune.export import export_onnx
+    from polyprune.quantize import quantize_onnx
+
+    with tempfile.TemporaryDirectory(prefix="polyprune-int8-lat-") as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", size=size, check=False).path
+        quantize_onnx(fp32, Path(tmp) / "int8.onnx", calib, min_agreement=0.0, threads=threads)
+        return runtime_latency(
+            backend, Path(tmp) / "int8.onnx", size, runs=runs, warmup=warmup, threads=threads
+        )[0]
+
+
+def openvino_latency(
+    model_or_onnx_path: str | Path | nn.Module,
+    size: int,
+    *,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    precision: str | None = None,
+) -> Latency:
+    """OpenVINO (CPU) latency at batch 1; the model is reshaped to a static (1, 3, size, size).
+
+    `precision` None = OpenVINO's default for the CPU (bf16 where the CPU has AVX512_BF16 / AMX).
+    ConfigError if openvino is not installed (optional extra `polyprune[openvino]`).
+    """
+    return runtime_latency(
+        "openvino", model_or_onnx_path, size, runs=runs, warmup=warmup, threads=threads, precision=precision
+    )[0]
