@@ -11,8 +11,9 @@ from polyprune.errors import ConfigError, TargetError
 from polyprune.files import read_json
 from polyprune.io import InputSpec, load_model, read_metadata, save_model
 from polyprune.models import build_model
-from polyprune.pruning import schedule
-from polyprune.pruning.schedule import PruneConfig, prune_run
+from polyprune.pruning import session
+from polyprune.pruning.config import PruneConfig
+from polyprune.pruning.schedule import prune_run
 
 SIZE = 32
 
@@ -83,18 +84,18 @@ def test_iterative_steps_fine_tune_and_stop_at_the_target(parent, synth_dir, tmp
 
 def test_resume_after_a_stop_gives_the_uninterrupted_result(parent, synth_dir, tmp_path, monkeypatch):
     full = prune_run(_iterative(parent, synth_dir, tmp_path / "full"))
-    real_finetune = schedule._Run.finetune
+    real_finetune = session.PruneSession.finetune
 
     def killed_at_step_2(self, model, **kw):
         if kw["desc"].startswith("step 2"):
             raise KeyboardInterrupt
         return real_finetune(self, model, **kw)
 
-    monkeypatch.setattr(schedule._Run, "finetune", killed_at_step_2)
+    monkeypatch.setattr(session.PruneSession, "finetune", killed_at_step_2)
     with pytest.raises(KeyboardInterrupt):
         prune_run(_iterative(parent, synth_dir, tmp_path / "run"))
     assert [r["step"] for r in read_json(tmp_path / "run" / "trajectory.json")["steps"]] == [0, 1]
-    monkeypatch.setattr(schedule._Run, "finetune", real_finetune)
+    monkeypatch.setattr(session.PruneSession, "finetune", real_finetune)
     resumed = prune_run(_iterative(parent, synth_dir, tmp_path / "run", resume=True))
     a = read_json(tmp_path / "full" / "trajectory.json")["steps"]
     b = read_json(tmp_path / "run" / "trajectory.json")["steps"]

@@ -107,7 +107,7 @@ def test_prune_int8_latency_target_needs_a_runtime(trained, synth_dir, tmp_path,
 
 def test_schedule_times_the_int8_deployment(trained, synth_dir):
     from polyprune.io import load_model
-    from polyprune.pruning.schedule import measure_latency
+    from polyprune.pruning.session import measure_latency
 
     model = load_model(trained)
     images = calibration_images([synth_dir], 4)

@@ -371,7 +371,8 @@ def prune(
     json_out: JsonOut = None,
 ) -> None:
     """Prune a trained model to a target (params, MACs, fps or a Dice budget), fine-tuning between steps."""
-    from polyprune.pruning.schedule import PruneConfig, prune_run
+    from polyprune.pruning.config import PruneConfig
+    from polyprune.pruning.schedule import prune_run
 
     cfg = PruneConfig(
         model=str(model),

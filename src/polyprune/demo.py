@@ -154,7 +154,8 @@ def run_demo(
     from polyprune.benchmark import benchmark_models, system_info
     from polyprune.evaluate import evaluate_model
     from polyprune.export import export_onnx
-    from polyprune.pruning.schedule import PruneConfig, prune_run
+    from polyprune.pruning.config import PruneConfig
+    from polyprune.pruning.schedule import prune_run
     from polyprune.report import write_report
     from polyprune.synth import make_synthetic_dataset
     from polyprune.train import TrainConfig, train

@@ -31,316 +31,24 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from polyprune import distributed as dist_utils
-from polyprune.checks import check_number, check_size, check_threads
-from polyprune.counting import check_training_memory, count_macs, count_params
 from polyprune.errors import ConfigError, TargetError
-from polyprune.files import read_json, run_folder, write_json
-from polyprune.io import load_model, save_model
+from polyprune.files import read_json, run_folder
 from polyprune.progress import is_main_process, log, progress_bar
-from polyprune.pruning.engine import SCOPES, prune_model
-from polyprune.pruning.importance import CRITERIA, REDUCES, SIGNALS
+from polyprune.pruning.config import PruneConfig, check_config
+from polyprune.pruning.engine import prune_model
+from polyprune.pruning.session import PruneSession
 from polyprune.structure import layer_widths
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
 
-
-@dataclass
-class PruneConfig:
-    model: str
-    data: list[str]
-    out: str
-    criterion: str = "taylor-gradnorm"
-    reduce: str = "abs"
-    signal: str = "loss"
-    n_images: int = 64
-    target_params: float | None = None
-    target_macs: float | None = None
-    target_fps: float | None = None
-    max_dice_drop: float | None = None
-    size: int | None = None  # MACs / latency input size; default: the model's own input size
-    backend: str = "torch"
-    latency_runs: int = 20
-    int8: bool = False  # latency of the INT8 deployment (onnxruntime / openvino backends)
-    step_ratio: float = 0.1
-    finetune_epochs: int | None = None  # default 1 when finetune_iters is not given
-    finetune_iters: int | None = None
-    final_epochs: int = 0
-    one_shot: bool = False
-    scope: str = "global"
-    round_to: int = 8
-    min_channels: int = 4
-    group_reduce: str = "sum"
-    cost: str = "none"  # none | macs | params: rank importance per MAC (param) saved
-    ignore: list[str] = field(default_factory=list)  # layer names never pruned (e.g. a pretrained stem)
-    max_steps: int = 100
-    batch: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    loss: str = "bce-dice"
-    distill: float = 0.0  # weight of the loss to the unpruned parent's probabilities while fine-tuning
-    distill_temperature: float = 1.0
-    seed: int = 0
-    threads: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    ids_file: list[str] = field(default_factory=list)
-    exclude_ids: list[str] = field(default_factory=list)
-    val_fraction: float = 0.1
-    skip_bad: bool = False
-    resume: bool = False
-    overwrite: bool = False  # clear a non-empty run folder instead of refusing it
-    progress: bool = True
-
-
-def check_config(cfg: PruneConfig) -> None:
-    """ConfigError for any option that cannot work, before anything is loaded."""
-    from polyprune.fit import check_training_numbers
-
-    if cfg.size is not None:
-        check_size(cfg.size)
-    check_training_numbers(lr=cfg.lr, weight_decay=cfg.weight_decay, batch=cfg.batch, seed=cfg.seed)
-    check_number("distill", cfg.distill, low=0, high=100)
-    check_number("distill_temperature", cfg.distill_temperature, low=0, low_open=True, high=100)
-    check_threads(cfg.threads)
-    targets = {
-        k: getattr(cfg, k)
-        for k in ("target_params", "target_macs", "target_fps", "max_dice_drop")
-        if getattr(cfg, k) is not None
-    }
-    if len(targets) != 1:
-        got = ", ".join(f"--{k.replace('_', '-')}" for k in targets) or "none"
-        raise ConfigError(
-            f"give exactly one target: --target-params, --target-macs, --target-fps or --max-dice-drop (got {got})"
-        )
-    for k in ("target_params", "target_macs"):
-        v = getattr(cfg, k)
-        if v is not None and not 0 < v < 1:
-            raise ConfigError(f"--{k.replace('_', '-')} must be a fraction of the parent in (0, 1), got {v}")
-    if cfg.target_fps is not None and cfg.target_fps <= 0:
-        raise ConfigError(f"--target-fps must be > 0, got {cfg.target_fps}")
-    if cfg.max_dice_drop is not None and not 0 <= cfg.max_dice_drop < 1:
-        raise ConfigError(f"--max-dice-drop must be in [0, 1), got {cfg.max_dice_drop}")
-    if cfg.criterion not in CRITERIA:
-        raise ConfigError(f"unknown criterion {cfg.criterion!r}; choose from {', '.join(CRITERIA)}")
-    if cfg.reduce not in REDUCES:
-        raise ConfigError(f"--reduce must be one of {', '.join(REDUCES)}, got {cfg.reduce!r}")
-    if cfg.signal not in SIGNALS:
-        raise ConfigError(f"--signal must be one of {', '.join(SIGNALS)}, got {cfg.signal!r}")
-    if cfg.scope not in SCOPES:
-        raise ConfigError(f"--scope must be one of {', '.join(SCOPES)}, got {cfg.scope!r}")
-    if cfg.backend not in BACKENDS:
-        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
-    _latency_fn(cfg.backend)
-    if not 0 < cfg.step_ratio < 1:
-        raise ConfigError(f"--step-ratio must be in (0, 1), got {cfg.step_ratio}")
-    if cfg.finetune_epochs is not None and cfg.finetune_iters is not None:
-        raise ConfigError("give --finetune-epochs or --finetune-iters, not both")
-    for k in ("finetune_epochs", "finetune_iters"):
-        v = getattr(cfg, k)
-        if v is not None and v < 0:
-            raise ConfigError(f"--{k.replace('_', '-')} must be >= 0, got {v}")
-    if cfg.final_epochs < 0:
-        raise ConfigError(f"--final-epochs must be >= 0, got {cfg.final_epochs}")
-    if cfg.n_images < 1:
-        raise ConfigError(f"--n-images must be >= 1, got {cfg.n_images}")
-    if cfg.int8 and cfg.backend == "torch":
-        raise ConfigError("--int8 latency needs --backend onnxruntime or openvino (torch runs fp32)")
-    if cfg.latency_runs < 1:
-        raise ConfigError(f"latency runs must be >= 1, got {cfg.latency_runs}")
-    if cfg.max_steps < 1:
-        raise ConfigError(f"max_steps must be >= 1, got {cfg.max_steps}")
-
-
-def _latency_fn(backend: str) -> Any:
-    """polyprune.latency.<backend>_latency(model, size, *, runs, threads) -> Latency."""
-    from polyprune import latency
-
-    fn = getattr(latency, f"{backend}_latency", None)
-    if fn is None:
-        raise ConfigError(f"--backend {backend} is not available: polyprune.latency has no {backend}_latency")
-    return fn
-
-
-def measure_latency(
-    model: nn.Module,
-    size: int,
-    backend: str,
-    runs: int,
-    threads: int | None,
-    int8_calib: list[Path] | None = None,
-) -> float:
-    """Median ms at batch 1; runtimes other than torch get a CPU copy of the model. `int8_calib`: time
-    the INT8 deployment instead (quantized on those images), as `--int8` asks."""
-    from polyprune.latency import int8_latency
-
-    if backend != "torch" and next(model.parameters()).device.type != "cpu":
-        model = copy.deepcopy(model).cpu()
-    if int8_calib:
-        lat = int8_latency(model, size, int8_calib, backend=backend, runs=runs, threads=threads)
-    else:
-        lat = _latency_fn(backend)(model, size, runs=runs, threads=threads)
-    return float(lat.median_ms)
-
-
-INT8_CALIB_IMAGES = 16  # per latency measurement: latency does not depend on the ranges it finds
-
-
-def _image_paths(ds: Any) -> list[Path]:
-    """The image files of a SegmentationDataset, or of the parts of an EpochConcat, in order."""
-    parts = getattr(ds, "datasets", None)
-    if parts is not None:
-        return [p for part in parts for p in _image_paths(part)]
-    return [s.image for s in ds.samples]
-
-
-class _Run:
-    """What a prune run needs besides its trajectory: parent, data, device, and how to measure / save."""
-
-    def __init__(self, cfg: PruneConfig) -> None:
-        from polyprune.device import resolve_device, set_threads
-        from polyprune.train import make_datasets
-
-        self.cfg = cfg
-        self.out = Path(cfg.out)
-        self.steps_dir = self.out / "steps"
-        set_threads(cfg.threads)
-        self.device = dist_utils.local_device(resolve_device(cfg.device))
-        parent = load_model(cfg.model)
-        self.meta = parent.polyprune_meta  # type: ignore[attr-defined]
-        self.spec = self.meta.input
-        self.size = cfg.size if cfg.size is not None else self.spec.size
-        check_size(self.size, int(getattr(parent, "stride", 1)))
-        # the parent itself is pruned in place below: distillation needs an unpruned copy
-        self.teacher = copy.deepcopy(parent).eval() if cfg.distill > 0 else None
-        check_training_memory(copy.deepcopy(parent).to("meta"), self.spec.size, cfg.batch)
-        self.train_ds, self.val_ds = make_datasets(
-            cfg.data,
-            self.spec,
-            ids_file=cfg.ids_file or None,
-            exclude_ids_file=cfg.exclude_ids or None,
-            val_fraction=cfg.val_fraction,
-            seed=cfg.seed,
-            augment=True,
-            skip_bad=cfg.skip_bad,
-        )
-        plain_train = self.train_ds.unaugmented()  # calibration images: no augmentation, no re-decoding
-        self.int8_calib = _image_paths(self.train_ds)[:INT8_CALIB_IMAGES] if cfg.int8 else None
-        if cfg.max_dice_drop is not None and len(self.val_ds) == 0:
-            raise ConfigError("--max-dice-drop needs a validation split (is --val-fraction 0?)")
-        # calibration: a seeded subset of the training split, without augmentation (same seed, same scores);
-        # under K ranks each rank scores every K-th image of a loader batch, i.e. `batch` images per pass
-        perm = torch.randperm(len(plain_train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        self.calibration = DataLoader(
-            Subset(plain_train, perm[: cfg.n_images]), batch_size=cfg.batch * dist_utils.world_size()
-        )
-        self.parent = parent.to(self.device)
-        self.parent_path = str(Path(cfg.model))
-        self.traj_path = self.out / "trajectory.json"
-
-    # ------------------------------------------------------------------------------ measuring
-
-    def measure(self, model: nn.Module) -> dict[str, Any]:
-        """Params, MACs, latency: measured on rank 0 and broadcast, so every rank decides alike."""
-        row = None
-        if dist_utils.rank() == 0:
-            row = {
-                "params": count_params(model),
-                "macs": count_macs(model, self.size),
-                "latency_ms": measure_latency(
-                    model,
-                    self.size,
-                    self.cfg.backend,
-                    self.cfg.latency_runs,
-                    self.cfg.threads,
-                    self.int8_calib,
-                ),
-                "size": self.size,
-                "backend": self.cfg.backend + (" int8" if self.cfg.int8 else ""),
-            }
-        return dist_utils.broadcast_object(row)
-
-    def dice(self, model: nn.Module) -> float:
-        from polyprune.fit import validation_dice
-
-        if len(self.val_ds) == 0:
-            return float("nan")
-        return validation_dice(
-            model, self.val_ds, batch=self.cfg.batch, device=self.device, precision=self.cfg.precision
-        )
-
-    def finetune(
-        self, model: nn.Module, *, epochs: int | None, iters: int | None, seed: int, desc: str, **kw: Any
-    ) -> None:
-        from polyprune.fit import fit
-
-        fit(
-            model,
-            self.train_ds,
-            self.val_ds if len(self.val_ds) else None,
-            epochs=epochs,
-            iters=iters,
-            batch=self.cfg.batch,
-            lr=self.cfg.lr,
-            weight_decay=self.cfg.weight_decay,
-            loss=self.cfg.loss,
-            device=self.device,
-            precision=self.cfg.precision,
-            seed=seed,
-            progress=self.cfg.progress,
-            desc=desc,
-            teacher=self.teacher,
-            distill=self.cfg.distill,
-            temperature=self.cfg.distill_temperature,
-            **kw,
-        )
-
-    # ------------------------------------------------------------------------------ files
-
-    def step_path(self, step: int) -> Path:
-        return Path(self.parent_path) if step == 0 else self.steps_dir / f"step_{step:03d}.safetensors"
-
-    def save(self, path: Path, model: nn.Module, traj: dict[str, Any], history: list, upto: int) -> None:
-        if not is_main_process():
-            return
-        save_model(
-            path,
-            model,
-            input_spec=self.spec,
-            parent=traj["parent"],
-            train={"parent": self.meta.train, "finetune": traj["finetune"]},
-            pruning={
-                "criterion": self.cfg.criterion,
-                "options": traj["options"],
-                "steps": [_short_row(r) for r in traj["steps"][1 : upto + 1]],
-                "history": history,
-            },
-        )
-
-    def write_trajectory(self, traj: dict[str, Any]) -> None:
-        if is_main_process():
-            write_json(self.traj_path, traj)
-
-    def load_step(self, step: int) -> tuple[nn.Module, list]:
-        dist_utils.barrier()  # rank 0 may have just written the file
-        model = load_model(self.step_path(step))
-        history = model.polyprune_meta.pruning.get("history", []) if step else []  # type: ignore[attr-defined]
-        return model.to(self.device), list(history)
-
-
-def _short_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k != "widths"}
-
-
-def _new_trajectory(run: _Run) -> dict[str, Any]:
+def _new_trajectory(run: PruneSession) -> dict[str, Any]:
     cfg = run.cfg
     parent_row = {"step": 0, "filters_removed": 0, **run.measure(run.parent)}
     d0 = run.dice(run.parent)
@@ -412,7 +120,7 @@ def _step_target(cfg: PruneConfig, traj: dict[str, Any], current: dict[str, Any]
     return target
 
 
-def _check_reachable(run: _Run) -> None:
+def _check_reachable(run: PruneSession) -> None:
     """TargetError now, not after hours of fine-tuning: widths are what limit a params / MACs target."""
 
     cfg = run.cfg
@@ -477,7 +185,7 @@ def _check_same_options(traj_path: Path, was: dict[str, Any], cfg: PruneConfig) 
 def _prune_run(cfg: PruneConfig) -> dict[str, Any]:
     from polyprune.device import seed_everything
 
-    run = _Run(cfg)
+    run = PruneSession(cfg)
     traj: dict[str, Any] | None = None
     if cfg.resume and dist_utils.rank() == 0 and run.traj_path.is_file():
         traj = read_json(run.traj_path)
