@@ -336,7 +336,7 @@ def test_cost_aware_ranking_removes_the_best_importance_per_mac():
             small = F.interpolate(self.small(x), size=x.shape[2:])
             return self.head(torch.cat([self.big(x), small], 1))
 
-    from polyprune.pruning.engine import group_costs, prunable_groups
+    from polyprune.pruning.groups import group_costs, prunable_groups
     from polyprune.structure import build_graph
 
     m = TwoBranch()
