@@ -147,121 +147,58 @@ def fit(
     loss_fn = make_loss(loss)
     check_number("distill", distill, low=0, high=100)
     check_number("temperature", temperature, low=0, low_open=True, high=100)
+    if not 0.0 <= warmup < 1.0:
+        raise ConfigError(f"--warmup must be in [0, 1), got {warmup}")
     if distill > 0 and teacher is None:
         raise ConfigError("distillation needs a teacher model")
     world = dist_utils.world_size()
     model.to(dev)
-    if teacher is not None and distill > 0:
-        teacher = teacher.to(dev).eval()
-        if dev.type == "cpu":
-            teacher.to(memory_format=torch.channels_last)
-    else:
-        teacher = None
+    teacher = _prepare_teacher(teacher, dev) if distill > 0 else None
     if dev.type == "cpu":
         model.to(memory_format=torch.channels_last)  # oneDNN's fast path, 1.1-1.8x here
     steps_per_epoch = max(1, math.ceil(len(train_ds) / (batch * world)))
-    if iters is not None:
-        epochs = max(1, math.ceil(iters / steps_per_epoch))
-        total_steps = iters
-    else:
-        epochs = epochs if epochs is not None else 1
-        total_steps = epochs * steps_per_epoch
+    epochs, total_steps = (
+        (max(1, math.ceil(iters / steps_per_epoch)), iters)
+        if iters is not None
+        else ((e := epochs if epochs is not None else 1), e * steps_per_epoch)
+    )
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
-
     net: nn.Module = model
     if dist_utils.is_distributed():
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-
     ckpt = Path(checkpoint_dir) / "last.safetensors" if checkpoint_dir else None
-    # what fixes the learning-rate schedule and the batch order: a resume must not change it silently
-    if not 0.0 <= warmup < 1.0:
-        raise ConfigError(f"--warmup must be in [0, 1), got {warmup}")
     warmup_steps = int(warmup * total_steps)
+    # what fixes the learning-rate schedule and the batch order: a resume must not change it silently
     schedule = {"total_steps": total_steps, "batch": batch, "lr": lr, "seed": seed, "world": world}
     if warmup_steps:  # only when used, so checkpoints of runs without warm-up still resume
         schedule["warmup_steps"] = warmup_steps
-    loop: dict[str, Any] = {"epoch": 0, "step": 0, "best_dice": -1.0, "history": [], "schedule": schedule}
-    best: dict[str, torch.Tensor] | None = None
-    if resume and ckpt is not None and ckpt.is_file():
-        loop, best = load_checkpoint(ckpt, model, opt)
-        was = loop.setdefault("schedule", schedule)  # checkpoints before this check carry none
-        changed = [f"{k} {was[k]} -> {v}" for k, v in schedule.items() if k in was and was[k] != v]
-        if changed:
-            raise ConfigError(
-                f"--resume would change the schedule of {ckpt} ({', '.join(changed)}; total_steps follows "
-                "--epochs/--finetune-iters, the data size and the process count): use the first run's "
-                "options, or start a new run"
-            )
-        log(f"resumed from {ckpt} after epoch {loop['epoch']}", enabled=progress)
+    loop, best = _start_or_resume(ckpt if resume else None, model, opt, schedule, progress)
     history: list[dict[str, Any]] = loop["history"]
-    bad_in_a_row = 0
+    step = _Stepper(
+        net, opt, loss_fn, dev, prec, lr, total_steps, warmup_steps, teacher, distill, temperature
+    )
 
     for epoch in range(loop["epoch"], epochs):
         if loop["step"] >= total_steps:
             break
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
-        if world > 1:
-            sampler = DistributedSampler(train_ds, shuffle=True, seed=seed)
-            sampler.set_epoch(epoch)
-            loader = DataLoader(
-                train_ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False
-            )
-        else:
-            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            loader = DataLoader(train_ds, batch_size=batch, shuffle=True, generator=gen, num_workers=workers)
+        loader = _epoch_loader(train_ds, epoch, batch, seed, workers, world)
         net.train()
-        t0, loss_sum, n_steps, skipped = time.perf_counter(), 0.0, 0, 0
+        t0 = time.perf_counter()
         n_this_epoch = min(len(loader), total_steps - loop["step"])
         with progress_bar(n_this_epoch, f"{desc} {epoch + 1}/{epochs}", enabled=progress) as bar:
+            step.epoch_start()
             for x, y in loader:
                 if loop["step"] >= total_steps:
                     break
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                if dev.type == "cpu":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                cur_lr = learning_rate(loop["step"], total_steps, lr, warmup_steps)
-                for g in opt.param_groups:
-                    g["lr"] = cur_lr
-                with autocast(dev, prec):
-                    logits = net(x)
-                value = loss_fn(logits.float(), y)
-                if teacher is not None:
-                    with torch.no_grad(), autocast(dev, prec):
-                        t_logits = teacher(x)
-                    value = value + distill * distillation_loss(logits.float(), t_logits.float(), temperature)
-                opt.zero_grad(set_to_none=True)
-                finite = torch.isfinite(value)
-                if world > 1:  # every rank must agree to step, or DDP deadlocks
-                    finite = dist_utils.all_reduce_sum(finite.float().clone()) == world
-                if not bool(finite):
-                    skipped += 1
-                    bad_in_a_row += 1
-                    loop["step"] += 1
-                    if bad_in_a_row >= MAX_BAD_STEPS:
-                        raise TrainingError(
-                            f"loss was NaN/inf for {MAX_BAD_STEPS} steps in a row (epoch {epoch + 1}, lr {lr:g}); "
-                            "try a lower --lr or --precision fp32"
-                        )
-                    bar.advance(loss="nan")
-                    continue
-                bad_in_a_row = 0
-                value.backward()
-                opt.step()
-                loop["step"] += 1
-                loss_sum += value.item()
-                n_steps += 1
-                bar.advance(loss=f"{loss_sum / n_steps:.4f}")
+                loop["step"] = step(x, y, loop["step"], epoch, bar)
             # DDP broadcast rank 0's BatchNorm statistics before each forward; each rank then updated
             # its own copy on its last batch: make every rank's model identical again (rank 0's)
             dist_utils.broadcast_buffers(model)
-            if world > 1:  # the epoch's loss over all ranks' batches, not rank 0's alone
-                tot = torch.tensor([loss_sum, n_steps], dtype=torch.float64)
-                loss_sum, n_steps = float(dist_utils.all_reduce_sum(tot)[0]), int(tot[1])
+            loss_sum, n_steps = step.epoch_loss(world)
             val = (
                 validation_dice(model, val_ds, batch=batch, device=dev, precision=prec)
                 if val_ds
@@ -271,9 +208,9 @@ def fit(
                 "epoch": epoch + 1,
                 "loss": loss_sum / max(1, n_steps),
                 "val_dice": val,
-                "lr": cur_lr if n_steps else lr,
+                "lr": step.lr_now if n_steps else lr,
                 "seconds": time.perf_counter() - t0,
-                "skipped_steps": skipped,
+                "skipped_steps": step.skipped,
             }
             bar.set(loss=f"{row['loss']:.4f}", val_dice=f"{val:.4f}")
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
@@ -303,3 +240,122 @@ def fit(
         model.load_state_dict(best)
     model.to(memory_format=torch.contiguous_format)
     return history
+
+
+def _prepare_teacher(teacher: nn.Module | None, dev: torch.device) -> nn.Module | None:
+    if teacher is None:
+        return None
+    teacher = teacher.to(dev).eval()
+    if dev.type == "cpu":
+        teacher.to(memory_format=torch.channels_last)
+    return teacher
+
+
+def _start_or_resume(
+    ckpt: Path | None, model: nn.Module, opt: torch.optim.Optimizer, schedule: dict[str, Any], progress: bool
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """(loop state, best weights): fresh, or from `ckpt` if it exists (refused if the schedule changed)."""
+    loop: dict[str, Any] = {"epoch": 0, "step": 0, "best_dice": -1.0, "history": [], "schedule": schedule}
+    if ckpt is None or not ckpt.is_file():
+        return loop, None
+    loop, best = load_checkpoint(ckpt, model, opt)
+    was = loop.setdefault("schedule", schedule)  # checkpoints before this check carry none
+    changed = [f"{k} {was[k]} -> {v}" for k, v in schedule.items() if k in was and was[k] != v]
+    if changed:
+        raise ConfigError(
+            f"--resume would change the schedule of {ckpt} ({', '.join(changed)}; total_steps follows "
+            "--epochs/--finetune-iters, the data size and the process count): use the first run's "
+            "options, or start a new run"
+        )
+    log(f"resumed from {ckpt} after epoch {loop['epoch']}", enabled=progress)
+    return loop, best
+
+
+def _epoch_loader(
+    train_ds: Dataset, epoch: int, batch: int, seed: int, workers: int, world: int
+) -> DataLoader:
+    """Epoch `epoch`'s batches: the shuffle (and augmentation) depend on (seed, epoch) only."""
+    if hasattr(train_ds, "set_epoch"):
+        train_ds.set_epoch(epoch)
+    if world > 1:
+        sampler = DistributedSampler(train_ds, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False)
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(train_ds, batch_size=batch, shuffle=True, generator=gen, num_workers=workers)
+
+
+class _Stepper:
+    """One optimizer step per call; a non-finite loss skips the update (counted, and fatal after
+    MAX_BAD_STEPS in a row, across epochs)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        opt: torch.optim.Optimizer,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        dev: torch.device,
+        prec: str,
+        lr: float,
+        total_steps: int,
+        warmup_steps: int,
+        teacher: nn.Module | None,
+        distill: float,
+        temperature: float,
+    ) -> None:
+        self.net, self.opt, self.loss_fn, self.dev, self.prec = net, opt, loss_fn, dev, prec
+        self.lr, self.total_steps, self.warmup_steps = lr, total_steps, warmup_steps
+        self.teacher, self.distill, self.temperature = teacher, distill, temperature
+        self.world = dist_utils.world_size()
+        self.bad_in_a_row = 0
+        self.epoch_start()
+
+    def epoch_start(self) -> None:
+        self.loss_sum, self.n_steps, self.skipped, self.lr_now = 0.0, 0, 0, self.lr
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int, bar: Any) -> int:
+        """Train on one batch at global step `step`; returns the next step."""
+        x, y = x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)
+        if self.dev.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.lr_now = learning_rate(step, self.total_steps, self.lr, self.warmup_steps)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_now
+        with autocast(self.dev, self.prec):
+            logits = self.net(x)
+        value = self.loss_fn(logits.float(), y)
+        if self.teacher is not None:
+            with torch.no_grad(), autocast(self.dev, self.prec):
+                t_logits = self.teacher(x)
+            value = value + self.distill * distillation_loss(
+                logits.float(), t_logits.float(), self.temperature
+            )
+        self.opt.zero_grad(set_to_none=True)
+        finite = torch.isfinite(value)
+        if self.world > 1:  # every rank must agree to step, or DDP deadlocks
+            finite = dist_utils.all_reduce_sum(finite.float().clone()) == self.world
+        if not bool(finite):
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            if self.bad_in_a_row >= MAX_BAD_STEPS:
+                raise TrainingError(
+                    f"loss was NaN/inf for {MAX_BAD_STEPS} steps in a row (epoch {epoch + 1}, lr {self.lr:g}); "
+                    "try a lower --lr or --precision fp32"
+                )
+            bar.advance(loss="nan")
+            return step + 1
+        self.bad_in_a_row = 0
+        value.backward()
+        self.opt.step()
+        self.loss_sum += value.item()
+        self.n_steps += 1
+        bar.advance(loss=f"{self.loss_sum / self.n_steps:.4f}")
+        return step + 1
+
+    def epoch_loss(self, world: int) -> tuple[float, int]:
+        """(loss sum, steps) of this epoch over all ranks' batches, not rank 0's alone."""
+        if world == 1:
+            return self.loss_sum, self.n_steps
+        tot = torch.tensor([self.loss_sum, self.n_steps], dtype=torch.float64)
+        tot = dist_utils.all_reduce_sum(tot)
+        return float(tot[0]), int(tot[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -67,3 +68,33 @@ def log(message: str, enabled: bool = True) -> None:
     """A summary line on stderr (rank 0 only)."""
     if enabled and is_main_process():
         _console.print(message, highlight=False, soft_wrap=True)
+
+
+class StageTimer:
+    """Wall and process-CPU seconds per named stage (wall time on a shared machine misleads), and one
+    summary line per stage, logged as it ends."""
+
+    def __init__(self, echo: bool) -> None:
+        self.echo, self.lines = echo, []
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+        self.t_all = self.t = time.perf_counter()
+        self.c_all = self.c = time.process_time()
+
+    def done(self, stage: str, line: str) -> None:
+        now, cnow = time.perf_counter(), time.process_time()
+        self.seconds[stage], self.cpu_seconds[stage] = round(now - self.t, 2), round(cnow - self.c, 2)
+        self.t, self.c = now, cnow
+        self.lines.append(f"{stage}: {line} ({self.seconds[stage]:.0f} s)")
+        log(self.lines[-1], enabled=self.echo)
+
+    def finish(self) -> float:
+        """Close the timing: total minutes."""
+        total = time.perf_counter() - self.t_all
+        self.seconds["total"] = round(total, 2)
+        self.cpu_seconds["total"] = round(time.process_time() - self.c_all, 2)
+        return total / 60
+
+    def final(self, line: str) -> None:
+        self.lines.append(line)
+        log(line, enabled=self.echo)
