@@ -24,7 +24,7 @@ _LAZY = {
     "InputSpec": "polyprune.io",
     "PolypruneError": "polyprune.errors",
     "prune_model": "polyprune.pruning",
-    "Predictor": "polyprune.infer",
+    "Predictor": "polyprune.predictor",
 }
 
 __all__ = [*_LAZY, "__version__"]
