@@ -5,6 +5,11 @@ A model file of a network outside the registry stores the history (layer, remove
 indices, in the order applied); `io.load_model` replays it on the user's unpruned module before the
 weights load. This sits below the model file format and above nothing but torch-pruning, so the
 format does not depend on the pruning algorithm (`pruning.engine` records what it removed).
+
+The replay is ours, not torch-pruning's `DependencyGraph.load_pruning_history`: that one prunes
+whatever the entries say, while a model file comes from a user, so every entry is checked first (the
+layer exists, is prunable, has the channels named) and a bad one is a ModelFileError. It reads
+torch-pruning's own history format too ([layer, is_out_channels, idxs]) and prunes through its graph.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 from polyprune.checks import check_number, check_size, check_threads
 from polyprune.errors import ConfigError
 from polyprune.pruning.engine import SCOPES
-from polyprune.pruning.importance import CRITERIA, REDUCES, SIGNALS
+from polyprune.pruning.importance import REDUCES, SIGNALS, check_criterion
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 
@@ -90,8 +90,7 @@ def check_config(cfg: PruneConfig) -> None:
         raise ConfigError(f"--target-fps must be > 0, got {cfg.target_fps}")
     if cfg.max_dice_drop is not None and not 0 <= cfg.max_dice_drop < 1:
         raise ConfigError(f"--max-dice-drop must be in [0, 1), got {cfg.max_dice_drop}")
-    if cfg.criterion not in CRITERIA:
-        raise ConfigError(f"unknown criterion {cfg.criterion!r}; choose from {', '.join(CRITERIA)}")
+    check_criterion(cfg.criterion)
     if cfg.reduce not in REDUCES:
         raise ConfigError(f"--reduce must be one of {', '.join(REDUCES)}, got {cfg.reduce!r}")
     if cfg.signal not in SIGNALS:

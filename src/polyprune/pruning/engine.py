@@ -36,7 +36,13 @@ from torch import nn
 from polyprune.counting import count_macs, count_params
 from polyprune.errors import ConfigError, TargetError
 from polyprune.pruning.groups import PruneGroup, group_costs, group_scores, prunable_groups
-from polyprune.pruning.importance import CRITERIA, DATA_CRITERIA, LossFn, compute_importance, find_layers
+from polyprune.pruning.importance import (
+    DATA_CRITERIA,
+    LossFn,
+    check_criterion,
+    compute_importance,
+    find_layers,
+)
 from polyprune.structure import build_graph, layer_widths
 
 SCOPES = ("global", "uniform")
@@ -167,8 +173,7 @@ def _parse_target(target: dict[str, float] | None) -> dict[str, float]:
 def _check_options(
     criterion: str, scope: str, group_reduce: str, min_channels: int, round_to: int, cost: str = "none"
 ) -> None:
-    if criterion not in CRITERIA:
-        raise ConfigError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    check_criterion(criterion)
     if scope not in SCOPES:
         raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if cost not in COSTS:

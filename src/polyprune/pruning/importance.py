@@ -41,6 +41,9 @@ give the single-process scores up to float rounding. taylor squares per mini-bat
 mini-batches are each rank's share of a loader batch (as in DDP training, where each rank sees its own
 mini-batch), so its scores depend on K. The weight criteria and `random` need no communication: the
 weights are identical on every rank and `random` is seeded.
+
+Ours, not torch-pruning 1.6's: its importances score whole groups (with consumers' in-channels, over
+the group mean), unlike the per-filter formulas above (checked against hand counts in the tests).
 """
 
 from __future__ import annotations
@@ -352,6 +355,12 @@ CRITERIA: dict[str, Criterion] = {
 DATA_CRITERIA = ("taylor-gradnorm", "taylor")
 
 
+def check_criterion(criterion: str) -> None:
+    """The one check of a criterion name (prune_model, compute_importance and PruneConfig use it)."""
+    if criterion not in CRITERIA:
+        raise ConfigError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+
+
 def compute_importance(
     model: nn.Module,
     criterion: str = "taylor-gradnorm",
@@ -375,8 +384,7 @@ def compute_importance(
     so EVERY rank must call this with the same loader, layers and options. Pass False to score all
     images in this process alone (e.g. on rank 0 only).
     """
-    if criterion not in CRITERIA:
-        raise ConfigError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    check_criterion(criterion)
     if layers is None:
         if example_input is None:
             raise ConfigError("compute_importance needs example_input or layers")
