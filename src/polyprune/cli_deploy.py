@@ -140,11 +140,17 @@ def benchmark(
 def predict(
     model: Annotated[Path, typer.Option("--model", help="Model file, .safetensors or .onnx.")],
     source: Annotated[
-        Path, typer.Option("--source", help="An image, an image folder, or a video (mp4/avi).")
+        str,
+        typer.Option(
+            "--source",
+            help="An image, an image folder, a video (mp4/avi), or live: a camera (0, /dev/video0) or a "
+            "stream URL (rtsp://, http(s)://).",
+        ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", help="Output folder: masks/, overlays/ or <stem>_overlay.mp4.")
-    ],
+        Path | None,
+        typer.Option("--out", help="Output folder: masks/, overlays/ or <stem>_overlay.mp4; predict.json."),
+    ] = None,
     backend: Annotated[
         str, typer.Option(help="auto (.onnx: onnxruntime, else torch) | torch | onnxruntime | openvino")
     ] = "auto",
@@ -155,19 +161,53 @@ def predict(
             "--stream", help="Pipeline decode / inference / write in threads; report real-time drops."
         ),
     ] = False,
+    show: Annotated[bool, typer.Option("--show", help="Live: show the overlay in a window.")] = False,
+    serve: Annotated[
+        str | None,
+        typer.Option(
+            "--serve",
+            metavar="[HOST:]PORT",
+            help="Live: serve the overlay as MJPEG + a viewer page (127.0.0.1).",
+        ),
+    ] = None,
+    record: Annotated[Path | None, typer.Option("--record", help="Live: record the overlay video.")] = None,
+    max_frames: Annotated[int | None, typer.Option(help="Live: stop after this many frames.")] = None,
+    duration: Annotated[float | None, typer.Option(help="Live: stop after this many seconds.")] = None,
     quiet: Quiet = False,
     json_out: JsonOut = None,
 ) -> None:
-    """Predict masks and overlays for an image, a folder or a video; per-stage latency and FPS."""
+    """Predict masks and overlays for an image, a folder, a video or a live source; latency and FPS."""
+    from polyprune.errors import ConfigError
     from polyprune.infer import predict_path, predict_summary
+    from polyprune.live import is_live_source, live_summary, run_live
     from polyprune.predictor import Predictor
     from polyprune.progress import log
 
+    live = is_live_source(source)
+    if not live and (show or serve or record or max_frames or duration):
+        raise ConfigError("--show, --serve, --record, --max-frames and --duration are for live sources")
+    if not live and out is None:
+        raise ConfigError("--out is needed for an image, a folder or a video")
     with Predictor(model, backend=backend, threads=threads) as predictor:
-        result = predict_path(predictor, source, out, stream=stream, progress=not (quiet or json_out == "-"))
+        if live:
+            result = run_live(
+                predictor,
+                source,
+                out_dir=out,
+                show=show,
+                serve=serve,
+                record=record,
+                max_frames=max_frames,
+                duration_s=duration,
+                on_serve=None if json_out == "-" else (lambda url: log(f"serving the live view on {url}")),
+            )
+        else:
+            result = predict_path(
+                predictor, Path(source), out, stream=stream, progress=not (quiet or json_out == "-")
+            )
     emit_json(result, json_out)
     if json_out != "-":
-        for line in predict_summary(result).splitlines():
+        for line in (live_summary(result) if live else predict_summary(result)).splitlines():
             log(line)
 
 
