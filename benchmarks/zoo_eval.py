@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--size", type=int, default=352)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=10, help="timed runs per round; 0: no latency (scores only)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-scores", action="store_true", help="latency only")
     args = ap.parse_args(argv)
@@ -107,12 +107,16 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
             print(f"{path}: Kvasir {t['kvasir']['dice']:.4f} ClinicDB {t['clinicdb']['dice']:.4f} "
                   f"ColonDB {t['colondb']['dice']:.4f}", file=sys.stderr)  # fmt: skip
         rows.append(row)
-    for row, lat in zip(rows, interleaved_latency(onnx_files, args.size, args.threads, args.runs, args.rounds),
-                        strict=True):  # fmt: skip
-        row["ort_latency_352"] = lat
+    lats = (
+        interleaved_latency(onnx_files, args.size, args.threads, args.runs, args.rounds)
+        if args.runs
+        else None
+    )
+    for i, row in enumerate(rows):
+        row["ort_latency_352"] = lats[i] if lats else None
         row["file_mb"] = Path(row["model"]).stat().st_size / 2**20
     write_json(args.out, {"rows": rows, "system": system_info(), "threads": args.threads, "size": args.size})
-    for r in rows:
+    for r in rows if lats else []:
         print(f"{r['name']}: {r['ort_latency_352']['median_ms']:.1f} ms ({r['ort_latency_352']['fps']:.1f} FPS)",
               file=sys.stderr)  # fmt: skip
     return 0
