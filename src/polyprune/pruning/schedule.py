@@ -183,146 +183,15 @@ def _check_same_options(traj_path: Path, was: dict[str, Any], cfg: PruneConfig) 
 
 
 def _prune_run(cfg: PruneConfig) -> dict[str, Any]:
-    from polyprune.device import seed_everything
-
     run = PruneSession(cfg)
-    traj: dict[str, Any] | None = None
-    if cfg.resume and dist_utils.rank() == 0 and run.traj_path.is_file():
-        traj = read_json(run.traj_path)
-    traj = dist_utils.broadcast_object(traj)  # rank 0 decides: resume or start afresh
-    if traj is not None and traj.get("config", {}).get("model") != cfg.model:
-        raise ConfigError(
-            f"--resume: {run.traj_path} belongs to a run on another model ({traj['config']['model']})"
-        )
-    if traj is not None:
-        _check_same_options(run.traj_path, traj.get("config", {}), cfg)
-    if traj is None:
-        _check_reachable(run)
-        traj = _new_trajectory(run)
-        run.write_trajectory(traj)
-    p = traj["parent"]
+    traj = _open_trajectory(cfg, run)
     t_start = time.perf_counter()
-    ft_iters = cfg.finetune_iters if not cfg.one_shot else None
-    ft_epochs = (
-        None
-        if cfg.one_shot or ft_iters is not None
-        else (cfg.finetune_epochs if cfg.finetune_epochs is not None else 1)
-    )
-
-    # ---------------------------------------------------------------------------------- pruning steps
     if traj["state"] == "pruning":
-        last = traj["steps"][-1]["step"]
-        model, history = run.load_step(last) if last else (run.parent, [])
-        if last:
-            log(f"resuming after step {last}", enabled=cfg.progress)
-        _check_widths(model, f"at step {last}")
-        while traj["state"] == "pruning":
-            step = traj["steps"][-1]["step"] + 1
-            prev = traj["steps"][-1]
-            if step > cfg.max_steps:
-                _stop_or_fail(cfg, traj, prev, f"reached max_steps={cfg.max_steps}")
-                run.write_trajectory(traj)
-                break
-            seed_everything(cfg.seed + step)
-            t0 = time.perf_counter()
-            with progress_bar(2, f"step {step}: score + prune", enabled=cfg.progress) as bar:
-                try:
-                    result = prune_model(
-                        model,
-                        torch.zeros(1, 3, run.size, run.size, device=run.device),
-                        run.calibration,
-                        cfg.criterion,
-                        _step_target(cfg, traj, prev),
-                        reduce=cfg.reduce,
-                        signal=cfg.signal,
-                        loss_fn=_loss(cfg.loss),
-                        n_images=cfg.n_images,
-                        min_channels=cfg.min_channels,
-                        round_to=cfg.round_to,
-                        scope=cfg.scope,
-                        group_reduce=cfg.group_reduce,
-                        cost=cfg.cost,
-                        ignored_layers=cfg.ignore or None,
-                        seed=cfg.seed + step,
-                    )
-                except TargetError as exc:  # nothing more can be removed
-                    _stop_or_fail(cfg, traj, prev, str(exc))
-                    run.write_trajectory(traj)
-                    break
-                bar.advance(1, removed=result.filters_removed)
-                d_before = run.dice(model)
-                bar.advance(1, val_dice=f"{d_before:.4f}")
-            history += result.history
-            d_after: float | None = None
-            kept = "pruned"
-            if ft_epochs or ft_iters:  # fit shows its own bar (rich allows one live display at a time)
-                pruned_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                run.finetune(
-                    model,
-                    epochs=ft_epochs,
-                    iters=ft_iters,
-                    seed=cfg.seed + step,
-                    desc=f"step {step} fine-tune",
-                )
-                d_after = run.dice(model)
-                kept = "finetuned"
-                if d_before > d_after:  # fit keeps its best epoch; the pruned weights may be better still
-                    model.load_state_dict(pruned_state)
-                    kept = "pruned"
-            row = {"step": step, "filters_removed": result.filters_removed, **run.measure(model)}
-            val = d_after if kept == "finetuned" else d_before
-            row.update(
-                val_dice_before_finetune=d_before,
-                val_dice_after_finetune=d_after,
-                val_dice=val,
-                kept=kept,
-                seconds=time.perf_counter() - t0,
-                checkpoint=str(run.step_path(step).relative_to(run.out)),
-                widths=layer_widths(model),
-            )
-            _check_widths(model, f"after step {step}")
-            traj["steps"].append(row)
-            run.save(run.step_path(step), model, traj, history, step)
-            log(
-                f"step {step}: params {row['params'] / p['params']:.1%}, MACs {row['macs'] / p['macs']:.1%}, "
-                f"{row['latency_ms']:.1f} ms, val Dice {d_before:.4f} -> {val:.4f} (parent {p['val_dice']:.4f})",
-                enabled=cfg.progress,
-            )
-            if cfg.max_dice_drop is not None and not val >= p["val_dice"] - cfg.max_dice_drop:
-                row["within_dice_drop"] = False
-                traj.update(state="final", final_step=step - 1)
-            elif _target_reached(cfg, traj, row):
-                traj.update(state="final", final_step=step)
-            run.write_trajectory(traj)
-
-    # ---------------------------------------------------------------------------------- final fine-tune
+        _pruning_steps(cfg, run, traj)
     if traj["state"] == "final":
-        final_step = traj["final_step"]
-        model, history = run.load_step(final_step)
-        if cfg.final_epochs > 0:
-            seed_everything(cfg.seed + 10_000)
-            run.finetune(
-                model,
-                epochs=cfg.final_epochs,
-                iters=None,
-                seed=cfg.seed + 10_000,
-                desc="final fine-tune",
-                checkpoint_dir=run.out / "checkpoint",
-                resume=cfg.resume,
-            )
-        _check_widths(model, "of the final model")
-        final = {
-            "step": final_step,
-            **run.measure(model),
-            "val_dice": run.dice(model),
-            "widths": layer_widths(model),
-        }
-        traj.update(final=final, state="done")
-        run.save(run.out / "model.safetensors", model, traj, history, final_step)
-        run.write_trajectory(traj)
-
-    final = traj["final"]
-    summary = {
+        _final_finetune(cfg, run, traj)
+    p, final = traj["parent"], traj["final"]
+    return {
         "model": str(run.out / "model.safetensors"),
         "trajectory": str(run.traj_path),
         "criterion": cfg.criterion,
@@ -336,7 +205,160 @@ def _prune_run(cfg: PruneConfig) -> dict[str, Any]:
         "backend": cfg.backend,
         "minutes": (time.perf_counter() - t_start) / 60,
     }
-    return summary
+
+
+def _open_trajectory(cfg: PruneConfig, run: PruneSession) -> dict[str, Any]:
+    """The trajectory to continue (--resume, same model and options) or a new one (step 0: the parent)."""
+    traj: dict[str, Any] | None = None
+    if cfg.resume and dist_utils.rank() == 0 and run.traj_path.is_file():
+        traj = read_json(run.traj_path)
+    traj = dist_utils.broadcast_object(traj)  # rank 0 decides: resume or start afresh
+    if traj is not None and traj.get("config", {}).get("model") != cfg.model:
+        raise ConfigError(
+            f"--resume: {run.traj_path} belongs to a run on another model ({traj['config']['model']})"
+        )
+    if traj is not None:
+        _check_same_options(run.traj_path, traj.get("config", {}), cfg)
+        return traj
+    _check_reachable(run)
+    traj = _new_trajectory(run)
+    run.write_trajectory(traj)
+    return traj
+
+
+def _finetune_budget(cfg: PruneConfig) -> tuple[int | None, int | None]:
+    """(epochs, iters) of the fine-tuning after each step; (None, None) for one-shot."""
+    if cfg.one_shot:
+        return None, None
+    if cfg.finetune_iters is not None:
+        return None, cfg.finetune_iters
+    return (cfg.finetune_epochs if cfg.finetune_epochs is not None else 1), None
+
+
+def _pruning_steps(cfg: PruneConfig, run: PruneSession, traj: dict[str, Any]) -> None:
+    """Prune -> fine-tune -> measure steps until the target (or a stop), from the last completed step."""
+    last = traj["steps"][-1]["step"]
+    model, history = run.load_step(last) if last else (run.parent, [])
+    if last:
+        log(f"resuming after step {last}", enabled=cfg.progress)
+    _check_widths(model, f"at step {last}")
+    while traj["state"] == "pruning":
+        prev = traj["steps"][-1]
+        step = prev["step"] + 1
+        if step > cfg.max_steps:
+            _stop_or_fail(cfg, traj, prev, f"reached max_steps={cfg.max_steps}")
+        else:
+            _prune_step(cfg, run, traj, model, history, step)
+        run.write_trajectory(traj)
+
+
+def _prune_step(
+    cfg: PruneConfig, run: PruneSession, traj: dict[str, Any], model: nn.Module, history: list, step: int
+) -> None:
+    """One step: score + prune, fine-tune (keep the better of pruned / fine-tuned), measure, save."""
+    from polyprune.device import seed_everything
+
+    p, prev = traj["parent"], traj["steps"][-1]
+    seed_everything(cfg.seed + step)
+    t0 = time.perf_counter()
+    with progress_bar(2, f"step {step}: score + prune", enabled=cfg.progress) as bar:
+        try:
+            result = prune_model(
+                model,
+                torch.zeros(1, 3, run.size, run.size, device=run.device),
+                run.calibration,
+                cfg.criterion,
+                _step_target(cfg, traj, prev),
+                reduce=cfg.reduce,
+                signal=cfg.signal,
+                loss_fn=_loss(cfg.loss),
+                n_images=cfg.n_images,
+                min_channels=cfg.min_channels,
+                round_to=cfg.round_to,
+                scope=cfg.scope,
+                group_reduce=cfg.group_reduce,
+                cost=cfg.cost,
+                ignored_layers=cfg.ignore or None,
+                seed=cfg.seed + step,
+            )
+        except TargetError as exc:  # nothing more can be removed
+            _stop_or_fail(cfg, traj, prev, str(exc))
+            return
+        bar.advance(1, removed=result.filters_removed)
+        d_before = run.dice(model)
+        bar.advance(1, val_dice=f"{d_before:.4f}")
+    history += result.history
+    d_after, kept = _finetune_step(cfg, run, model, step, d_before)
+    row = {"step": step, "filters_removed": result.filters_removed, **run.measure(model)}
+    val = d_after if kept == "finetuned" else d_before
+    row.update(
+        val_dice_before_finetune=d_before,
+        val_dice_after_finetune=d_after,
+        val_dice=val,
+        kept=kept,
+        seconds=time.perf_counter() - t0,
+        checkpoint=str(run.step_path(step).relative_to(run.out)),
+        widths=layer_widths(model),
+    )
+    _check_widths(model, f"after step {step}")
+    traj["steps"].append(row)
+    run.save(run.step_path(step), model, traj, history, step)
+    log(
+        f"step {step}: params {row['params'] / p['params']:.1%}, MACs {row['macs'] / p['macs']:.1%}, "
+        f"{row['latency_ms']:.1f} ms, val Dice {d_before:.4f} -> {val:.4f} (parent {p['val_dice']:.4f})",
+        enabled=cfg.progress,
+    )
+    if cfg.max_dice_drop is not None and not val >= p["val_dice"] - cfg.max_dice_drop:
+        row["within_dice_drop"] = False
+        traj.update(state="final", final_step=step - 1)
+    elif _target_reached(cfg, traj, row):
+        traj.update(state="final", final_step=step)
+
+
+def _finetune_step(
+    cfg: PruneConfig, run: PruneSession, model: nn.Module, step: int, d_before: float
+) -> tuple[float | None, str]:
+    """(val Dice after fine-tuning or None, which weights were kept: "pruned" or "finetuned")."""
+    ft_epochs, ft_iters = _finetune_budget(cfg)
+    if not (ft_epochs or ft_iters):
+        return None, "pruned"
+    pruned_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # fit shows its own bar (rich allows one live display at a time)
+    run.finetune(model, epochs=ft_epochs, iters=ft_iters, seed=cfg.seed + step, desc=f"step {step} fine-tune")
+    d_after = run.dice(model)
+    if d_before > d_after:  # fit keeps its best epoch; the pruned weights may be better still
+        model.load_state_dict(pruned_state)
+        return d_after, "pruned"
+    return d_after, "finetuned"
+
+
+def _final_finetune(cfg: PruneConfig, run: PruneSession, traj: dict[str, Any]) -> None:
+    """The chosen step, fine-tuned for final_epochs (resumable), measured and saved as RUN/model.safetensors."""
+    from polyprune.device import seed_everything
+
+    final_step = traj["final_step"]
+    model, history = run.load_step(final_step)
+    if cfg.final_epochs > 0:
+        seed_everything(cfg.seed + 10_000)
+        run.finetune(
+            model,
+            epochs=cfg.final_epochs,
+            iters=None,
+            seed=cfg.seed + 10_000,
+            desc="final fine-tune",
+            checkpoint_dir=run.out / "checkpoint",
+            resume=cfg.resume,
+        )
+    _check_widths(model, "of the final model")
+    final = {
+        "step": final_step,
+        **run.measure(model),
+        "val_dice": run.dice(model),
+        "widths": layer_widths(model),
+    }
+    traj.update(final=final, state="done")
+    run.save(run.out / "model.safetensors", model, traj, history, final_step)
+    run.write_trajectory(traj)
 
 
 def _loss(name: str) -> Any:
