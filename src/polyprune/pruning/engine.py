@@ -189,6 +189,71 @@ def _check_options(
 # ------------------------------------------------------------------------------------------ public
 
 
+class _TargetSearch:
+    """The smallest k (channels taken off the ranking) whose pruned model meets the targets; met(k) is
+    monotone in k, so a binary search over k, with (params, MACs) measured on pruned copies."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: torch.Tensor,
+        groups: list[PruneGroup],
+        planner: _Planner,
+        targets: dict[str, float],
+        params0: int,
+        macs0: int,
+    ) -> None:
+        self.model, self.example_input, self.groups, self.planner = model, example_input, groups, planner
+        self.targets, self.params0, self.macs0 = targets, params0, macs0
+        self._cache: dict[int, tuple[int, int]] = {}
+
+    def metrics(self, k: int) -> tuple[int, int]:
+        """(params, MACs) of the model pruned with plan(k), measured on a copy."""
+        if k not in self._cache:
+            trial = copy.deepcopy(self.model)
+            _apply(trial, build_graph(trial, self.example_input), self.groups, self.planner.plan(k))
+            self._cache[k] = (count_params(trial), _macs_at(trial, self.example_input))
+        return self._cache[k]
+
+    def met(self, k: int) -> bool:
+        t, planner = self.targets, self.planner
+        if "ratio" in t and planner.removed(k) >= math.ceil(t["ratio"] * planner.total - 1e-9):
+            return True
+        if "params" in t or "macs" in t:
+            params, macs = self.metrics(k)
+            if "params" in t and params <= t["params"] * self.params0:
+                return True
+            if "macs" in t and macs <= t["macs"] * self.macs0:
+                return True
+        return False
+
+    def smallest_k(self, min_channels: int, round_to: int) -> int:
+        k_max, planner = self.planner.total, self.planner
+        if set(self.targets) == {"ratio"} and not self.met(k_max) and planner.removed(k_max) > 0:
+            lo = k_max  # a ratio is a step size: widths may cap it, then as much as they allow
+        elif not self.met(k_max):
+            params, macs = self.metrics(k_max)
+            best = {
+                "ratio": f"{planner.removed(k_max) / max(1, planner.total):.3f}",
+                "params": f"{params / self.params0:.3f}",
+                "macs": f"{macs / self.macs0:.3f}",
+            }
+            wanted = ", ".join(f"{k} {v:g} (best reachable {best[k]})" for k, v in self.targets.items())
+            raise TargetError(
+                f"target {wanted} cannot be met with min_channels={min_channels}, round_to={round_to}"
+            )
+        else:
+            lo = 0
+        hi = k_max
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.met(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+
 def prune_model(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -238,17 +303,15 @@ def prune_model(
     }
     widths_before = layer_widths(model)
     params0, macs0 = count_params(model), _macs_at(model, example_input)
-
     dg = build_graph(model, example_input)
     groups = prunable_groups(model, dg, ignored_layers)
-    all_layers = find_layers(model, example_input)
     member_names = {name for g in groups for name, _, _ in g.members}
-    layers = {n: all_layers[n] for n in sorted(member_names)}
+    all_layers = find_layers(model, example_input)
     scores = compute_importance(
         model,
         criterion,
         calibration_loader,
-        layers=layers,
+        layers={n: all_layers[n] for n in sorted(member_names)},
         reduce=reduce,
         signal=signal,
         loss_fn=loss_fn,
@@ -260,51 +323,9 @@ def prune_model(
         costs = group_costs(model, dg, groups, example_input, cost)
         gscores = [None if sc is None else sc / c for sc, c in zip(gscores, costs, strict=True)]
     planner = _Planner(groups, gscores, scope, min_channels, round_to)
-
-    metric_cache: dict[int, tuple[int, int]] = {}
-
-    def metrics(k: int) -> tuple[int, int]:
-        """(params, MACs) of the model pruned with plan(k), measured on a copy."""
-        if k not in metric_cache:
-            trial = copy.deepcopy(model)
-            _apply(trial, build_graph(trial, example_input), groups, planner.plan(k))
-            metric_cache[k] = (count_params(trial), _macs_at(trial, example_input))
-        return metric_cache[k]
-
-    def met(k: int) -> bool:
-        if "ratio" in targets and planner.removed(k) >= math.ceil(targets["ratio"] * planner.total - 1e-9):
-            return True
-        if "params" in targets or "macs" in targets:
-            params, macs = metrics(k)
-            if "params" in targets and params <= targets["params"] * params0:
-                return True
-            if "macs" in targets and macs <= targets["macs"] * macs0:
-                return True
-        return False
-
-    k_max = planner.total
-    if set(targets) == {"ratio"} and not met(k_max) and planner.removed(k_max) > 0:
-        lo = k_max  # a ratio is a step size: widths may cap it, then as much as they allow
-    elif not met(k_max):
-        params, macs = metrics(k_max)
-        best = {
-            "ratio": f"{planner.removed(k_max) / max(1, planner.total):.3f}",
-            "params": f"{params / params0:.3f}",
-            "macs": f"{macs / macs0:.3f}",
-        }
-        wanted = ", ".join(f"{k} {v:g} (best reachable {best[k]})" for k, v in targets.items())
-        raise TargetError(
-            f"target {wanted} cannot be met with min_channels={min_channels}, round_to={round_to}"
-        )
-    else:
-        lo = 0
-    hi = k_max  # smallest k with met(k): met is monotone in k
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if met(mid):
-            hi = mid
-        else:
-            lo = mid + 1
+    lo = _TargetSearch(model, example_input, groups, planner, targets, params0, macs0).smallest_k(
+        min_channels, round_to
+    )
     plan = planner.plan(lo)
     history = _apply(model, dg, groups, plan)
     # the module carries its own history, so save_model records it and load_model can replay it
