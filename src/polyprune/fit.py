@@ -145,12 +145,7 @@ def fit(
         raise ConfigError("the training set is empty")
     check_training_numbers(lr=lr, weight_decay=weight_decay, batch=batch, seed=seed, workers=workers)
     loss_fn = make_loss(loss)
-    check_number("distill", distill, low=0, high=100)
-    check_number("temperature", temperature, low=0, low_open=True, high=100)
-    if not 0.0 <= warmup < 1.0:
-        raise ConfigError(f"--warmup must be in [0, 1), got {warmup}")
-    if distill > 0 and teacher is None:
-        raise ConfigError("distillation needs a teacher model")
+    _check_fit_options(warmup, distill, temperature, teacher)
     world = dist_utils.world_size()
     model.to(dev)
     teacher = _prepare_teacher(teacher, dev) if distill > 0 else None
@@ -213,33 +208,62 @@ def fit(
                 "skipped_steps": step.skipped,
             }
             bar.set(loss=f"{row['loss']:.4f}", val_dice=f"{val:.4f}")
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            # finite losses can still step the weights to inf (a huge lr): never save such a model
-            raise TrainingError(
-                f"the weights became NaN/inf in epoch {epoch + 1} (lr {lr:g}); nothing of this epoch was "
-                "saved: try a lower --lr or --precision fp32"
-            )
-        history.append(row)
-        log(
-            f"{desc} {epoch + 1}/{epochs}: loss {row['loss']:.4f}  val Dice {val:.4f}  ({row['seconds']:.0f} s)",
-            enabled=progress,
-        )
-        improved = not math.isnan(val) and val > loop["best_dice"]
-        if improved or (math.isnan(val) and loop["step"] >= total_steps):
-            loop["best_dice"] = val if improved else loop["best_dice"]
-            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if on_best is not None and is_main_process():
-                on_best(model, row)
-        loop["epoch"] = epoch + 1
-        if ckpt is not None and is_main_process():
-            save_checkpoint(ckpt, model, opt, best, loop)
-        if on_epoch is not None and is_main_process():
-            on_epoch(history)
-        dist_utils.barrier()
+        best = _end_of_epoch(
+            model, opt, row, loop, best, history, ckpt, f"{desc} {epoch + 1}/{epochs}", total_steps, progress,
+            on_best, on_epoch,
+        )  # fmt: skip
     if best is not None:
         model.load_state_dict(best)
     model.to(memory_format=torch.contiguous_format)
     return history
+
+
+def _check_fit_options(warmup: float, distill: float, temperature: float, teacher: nn.Module | None) -> None:
+    check_number("distill", distill, low=0, high=100)
+    check_number("temperature", temperature, low=0, low_open=True, high=100)
+    if not 0.0 <= warmup < 1.0:
+        raise ConfigError(f"--warmup must be in [0, 1), got {warmup}")
+    if distill > 0 and teacher is None:
+        raise ConfigError("distillation needs a teacher model")
+
+
+def _end_of_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    row: dict[str, Any],
+    loop: dict[str, Any],
+    best: dict[str, torch.Tensor] | None,
+    history: list[dict[str, Any]],
+    ckpt: Path | None,
+    label: str,
+    total_steps: int,
+    progress: bool,
+    on_best: Callable[[nn.Module, dict[str, Any]], None] | None,
+    on_epoch: Callable[[list[dict[str, Any]]], None] | None,
+) -> dict[str, torch.Tensor] | None:
+    """Check the weights, log, keep the best weights, checkpoint; returns the best weights so far."""
+    epoch, val = row["epoch"], row["val_dice"]
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        # finite losses can still step the weights to inf (a huge lr): never save such a model
+        raise TrainingError(
+            f"the weights became NaN/inf in epoch {epoch} (lr {opt.defaults['lr']:g}); nothing of this "
+            "epoch was saved: try a lower --lr or --precision fp32"
+        )
+    history.append(row)
+    log(f"{label}: loss {row['loss']:.4f}  val Dice {val:.4f}  ({row['seconds']:.0f} s)", enabled=progress)
+    improved = not math.isnan(val) and val > loop["best_dice"]
+    if improved or (math.isnan(val) and loop["step"] >= total_steps):
+        loop["best_dice"] = val if improved else loop["best_dice"]
+        best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if on_best is not None and is_main_process():
+            on_best(model, row)
+    loop["epoch"] = epoch
+    if ckpt is not None and is_main_process():
+        save_checkpoint(ckpt, model, opt, best, loop)
+    if on_epoch is not None and is_main_process():
+        on_epoch(history)
+    dist_utils.barrier()
+    return best
 
 
 def _prepare_teacher(teacher: nn.Module | None, dev: torch.device) -> nn.Module | None:

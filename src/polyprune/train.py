@@ -246,19 +246,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
-    from polyprune.counting import check_training_memory, count_macs, count_params
+    from polyprune.counting import count_macs, count_params
 
-    check_size(cfg.size)
-    with torch.device("meta"):  # shapes only: a model or size too big for memory is refused up front
-        skeleton = _skeleton(cfg)
-    check_size(cfg.size, int(getattr(skeleton, "stride", 16)))
-    check_training_memory(skeleton, cfg.size, cfg.batch)
-    dist_utils.setup(cfg.device)
-    set_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    dev = resolve_device(cfg.device)
-    if dist_utils.is_distributed() and dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    skeleton = _check_before_loading(cfg)
+    dev = _training_device(cfg)
     out = Path(cfg.out)
     # the encoder's own normalization (TF scaling for EfficientNet-Lite); --init keeps its file's
     spec = read_metadata(cfg.init).input if cfg.init else InputSpec.for_model(skeleton)
@@ -277,11 +268,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     params, macs = count_params(model), count_macs(model, cfg.size)
     train_meta = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume", "overwrite")}
     train_meta.update(n_train=len(train_ds), n_val=len(val_ds))
-    what = f"UNet width {cfg.width}" if cfg.arch == "unet" else f"{cfg.arch} (pretrained: {cfg.pretrained})"
-    if cfg.init:
-        what = f"{model.config()['name']} from {cfg.init}"
     log(
-        f"training {what} ({params / 1e6:.2f} M params, {macs / 1e9:.2f} GMACs at {cfg.size}) "
+        f"training {_what(cfg, model)} ({params / 1e6:.2f} M params, {macs / 1e9:.2f} GMACs at {cfg.size}) "
         f"on {len(train_ds)} images, validating on {len(val_ds)}",
         enabled=cfg.progress,
     )
@@ -315,8 +303,6 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         teacher=load_model(cfg.teacher) if cfg.teacher else None,
         distill=cfg.distill,
     )
-    # all epochs, those before a resume included (their times are kept in the checkpoint's history)
-    minutes = sum(r["seconds"] for r in history) / 60
     best_row = max(
         (r for r in history if not math.isnan(r["val_dice"])), key=lambda r: r["val_dice"], default=None
     )
@@ -325,7 +311,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         "best_val_dice": best_row["val_dice"] if best_row else float("nan"),
         "best_epoch": best_row["epoch"] if best_row else len(history),
         "epochs": len(history),
-        "minutes": minutes,
+        # all epochs, those before a resume included (their times are kept in the checkpoint's history)
+        "minutes": sum(r["seconds"] for r in history) / 60,
         "params": params,
         "macs": macs,
         "size": cfg.size,
@@ -336,3 +323,31 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         write_json(out / "history.json", {"config": train_meta, "history": history, "summary": summary})
     dist_utils.teardown()
     return summary
+
+
+def _check_before_loading(cfg: TrainConfig) -> nn.Module:
+    """Size, stride and memory checked on a meta-device skeleton (nothing allocated); returns it."""
+    from polyprune.counting import check_training_memory
+
+    check_size(cfg.size)
+    with torch.device("meta"):  # shapes only: a model or size too big for memory is refused up front
+        skeleton = _skeleton(cfg)
+    check_size(cfg.size, int(getattr(skeleton, "stride", 16)))
+    check_training_memory(skeleton, cfg.size, cfg.batch)
+    return skeleton
+
+
+def _training_device(cfg: TrainConfig) -> torch.device:
+    dist_utils.setup(cfg.device)
+    set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    dev = resolve_device(cfg.device)
+    if dist_utils.is_distributed() and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+def _what(cfg: TrainConfig, model: nn.Module) -> str:
+    if cfg.init:
+        return f"{model.config()['name']} from {cfg.init}"
+    return f"UNet width {cfg.width}" if cfg.arch == "unet" else f"{cfg.arch} (pretrained: {cfg.pretrained})"
