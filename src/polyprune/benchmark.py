@@ -128,26 +128,12 @@ def benchmark_models(
     from polyprune.models import build_model
     from polyprune.progress import progress_bar
 
-    if not models:
-        raise ConfigError("benchmark needs at least one model")
-    if runs < 1 or warmup < 0:
-        raise ConfigError(f"runs must be >= 1 and warmup >= 0, got {runs}, {warmup}")
     names = resolve_backends(backends)
     threads = threads or torch.get_num_threads()
     paths = [Path(m) for m in models]
-    for p in paths:
-        if p.suffix.lower() == ".onnx" and names == ["torch"]:
-            raise ConfigError(f"{p} is an ONNX file: it has no torch backend (use onnxruntime or openvino)")
-        if not p.is_file():
-            raise ConfigError(f"model file not found: {p}")
-
+    _check_benchmark_inputs(paths, names, sizes, threads, runs, warmup)
     labels = model_labels(paths)
     rows: list[dict[str, Any]] = []
-    if sizes is not None and not sizes:
-        raise ConfigError("benchmark needs at least one size")
-    check_threads(threads)
-    check_int("runs", runs, low=1, high=100_000)
-    check_int("warmup", warmup, low=0, high=100_000)
     total = sum(
         len(sizes or [0]) * len([b for b in names if b != "torch" or p.suffix.lower() != ".onnx"])
         for p in paths
@@ -204,6 +190,25 @@ def benchmark_models(
                     bar.advance()
     _add_ratios(rows)
     return rows
+
+
+def _check_benchmark_inputs(
+    paths: list[Path], names: list[str], sizes: Sequence[int] | None, threads: int, runs: int, warmup: int
+) -> None:
+    if not paths:
+        raise ConfigError("benchmark needs at least one model")
+    if runs < 1 or warmup < 0:
+        raise ConfigError(f"runs must be >= 1 and warmup >= 0, got {runs}, {warmup}")
+    for p in paths:
+        if p.suffix.lower() == ".onnx" and names == ["torch"]:
+            raise ConfigError(f"{p} is an ONNX file: it has no torch backend (use onnxruntime or openvino)")
+        if not p.is_file():
+            raise ConfigError(f"model file not found: {p}")
+    if sizes is not None and not sizes:
+        raise ConfigError("benchmark needs at least one size")
+    check_threads(threads)
+    check_int("runs", runs, low=1, high=100_000)
+    check_int("warmup", warmup, low=0, high=100_000)
 
 
 DEFAULT_BENCH_SIZE = 352  # the field's input size

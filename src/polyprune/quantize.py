@@ -120,24 +120,12 @@ def quantize_onnx(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from polyprune.export import ort_session, read_onnx_metadata, set_onnx_metadata
+    from polyprune.export import ort_session, set_onnx_metadata
 
     t0 = time.perf_counter()
     fp32_onnx, out = Path(fp32_onnx), Path(out)
-    check_choice("calib_method", method, METHODS)
-    check_number("min_agreement", min_agreement, low=0, high=1)
-    if out.suffix.lower() != ".onnx":
-        raise ConfigError(f"INT8 target must end in .onnx, got {out}")
-    meta = read_onnx_metadata(fp32_onnx)
-    if meta.input is None:
-        raise ModelFileError(f"{fp32_onnx} has no polyprune metadata: export it with polyprune first")
-    if INT8_KEY in meta.raw:
-        raise ConfigError(f"{fp32_onnx} is already INT8; quantize its fp32 source")
     images = [Path(p) for p in calib]
-    if not images:
-        raise ConfigError("INT8 calibration needs at least one image")
-    if method != "minmax":
-        _check_histogram_memory(fp32_onnx, len(images), method)
+    meta = _check_quantize_inputs(fp32_onnx, out, images, method, min_agreement)
     session = ort_session(fp32_onnx, threads)
     input_name = session.get_inputs()[0].name
     calib_method = {
@@ -200,6 +188,28 @@ def quantize_onnx(
             stacklevel=2,
         )
     return report
+
+
+def _check_quantize_inputs(
+    fp32_onnx: Path, out: Path, images: list[Path], method: str, min_agreement: float
+) -> Any:
+    """The fp32 file's polyprune metadata, once the options and files are known to work."""
+    from polyprune.export import read_onnx_metadata
+
+    check_choice("calib_method", method, METHODS)
+    check_number("min_agreement", min_agreement, low=0, high=1)
+    if out.suffix.lower() != ".onnx":
+        raise ConfigError(f"INT8 target must end in .onnx, got {out}")
+    meta = read_onnx_metadata(fp32_onnx)
+    if meta.input is None:
+        raise ModelFileError(f"{fp32_onnx} has no polyprune metadata: export it with polyprune first")
+    if INT8_KEY in meta.raw:
+        raise ConfigError(f"{fp32_onnx} is already INT8; quantize its fp32 source")
+    if not images:
+        raise ConfigError("INT8 calibration needs at least one image")
+    if method != "minmax":
+        _check_histogram_memory(fp32_onnx, len(images), method)
+    return meta
 
 
 def _minmax_chunks(method: str, n: int) -> dict[str, int]:
