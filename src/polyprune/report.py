@@ -261,6 +261,18 @@ def write_report(runs: list[Path], out: Path, *, title: str | None = None) -> Pa
             "wFβ, mEφ, MAE: PraNet toolbox protocol (metrics.json)."
         )
 
+    _accuracy_section(doc, cat, out)
+    prunes = [m for m in cat.models if m.trajectory]
+    if prunes:
+        _pruning_section(doc, prunes, out)
+    doc.h(2, "Sources")
+    doc.ul([f"`{s}`" for s in cat.sources])
+    atomic_write_text(out / "report.html", doc.html(title))
+    return atomic_write_text(out / "report.md", doc.markdown())
+
+
+def _accuracy_section(doc: Doc, cat: Catalog, out: Path) -> None:
+    """Dice against MACs and against latency (the first backend measured), one scatter each."""
     doc.h(2, "Accuracy against cost")
     plots = [
         plot_dice_vs(
@@ -286,42 +298,38 @@ def write_report(runs: list[Path], out: Path, *, title: str | None = None) -> Pa
         if p is not None:
             doc.img(p.name, p.stem.replace("_", " "))
 
-    prunes = [m for m in cat.models if m.trajectory]
-    if prunes:
-        doc.h(2, "Pruning")
-        doc.img(plot_trajectories(prunes, out).name, "pruning trajectories")
-        for m in prunes:
-            t = m.trajectory or {}
-            cfg = t.get("config", {})
-            target = next(
-                (
-                    f"{k.replace('_', ' ')} {cfg[k]:g}"
-                    for k in ("target_params", "target_macs", "target_fps", "max_dice_drop")
-                    if cfg.get(k) is not None
-                ),
-                "?",
-            )
-            doc.h(3, f"{m.name}: {cfg.get('criterion', '?')}, {target}")
-            if t.get("state") != "done":
-                doc.p(f"state `{t.get('state')}`: the run has not finished.")
-            doc.table(*trajectory_table(m))
-            w = plot_widths(m, out)
-            if w is not None:
-                doc.img(w.name, f"widths {m.name}")
 
-        doc.h(2, "Sample overlays")
-        missing = []
-        for m in prunes:
-            png, note = plot_overlays(m, out)
-            if png is None:
-                missing.append(note)
-                continue
-            doc.p(f"Columns: image, ground truth (yellow), parent (green), pruned (blue). {note}.")
-            doc.img(png.name, f"overlays {m.name}")
-        if missing:
-            doc.ul([f"no overlays for {n}" for n in missing])
+def _pruning_section(doc: Doc, prunes: list[Model], out: Path) -> None:
+    """Trajectories, per-run step tables and widths, and the overlay grids of the pruned models."""
+    doc.h(2, "Pruning")
+    doc.img(plot_trajectories(prunes, out).name, "pruning trajectories")
+    for m in prunes:
+        t = m.trajectory or {}
+        cfg = t.get("config", {})
+        target = next(
+            (
+                f"{k.replace('_', ' ')} {cfg[k]:g}"
+                for k in ("target_params", "target_macs", "target_fps", "max_dice_drop")
+                if cfg.get(k) is not None
+            ),
+            "?",
+        )
+        doc.h(3, f"{m.name}: {cfg.get('criterion', '?')}, {target}")
+        if t.get("state") != "done":
+            doc.p(f"state `{t.get('state')}`: the run has not finished.")
+        doc.table(*trajectory_table(m))
+        w = plot_widths(m, out)
+        if w is not None:
+            doc.img(w.name, f"widths {m.name}")
 
-    doc.h(2, "Sources")
-    doc.ul([f"`{s}`" for s in cat.sources])
-    atomic_write_text(out / "report.html", doc.html(title))
-    return atomic_write_text(out / "report.md", doc.markdown())
+    doc.h(2, "Sample overlays")
+    missing = []
+    for m in prunes:
+        png, note = plot_overlays(m, out)
+        if png is None:
+            missing.append(note)
+            continue
+        doc.p(f"Columns: image, ground truth (yellow), parent (green), pruned (blue). {note}.")
+        doc.img(png.name, f"overlays {m.name}")
+    if missing:
+        doc.ul([f"no overlays for {n}" for n in missing])
