@@ -84,82 +84,14 @@ def synth_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     if s < MIN_SIZE:
         raise ConfigError(f"synthetic image size must be >= {MIN_SIZE}, got {size}")
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
-
-    # --- mucosa: base colour x low-frequency shading x vessels x folds
-    r0 = rng.uniform(0.72, 0.95)
-    base = np.array([r0, r0 * rng.uniform(0.38, 0.62), 0.0], np.float32)
-    base[2] = base[1] * rng.uniform(0.75, 1.1)
-    low = _fractal(rng, s, 3, 3)
-    hue = _noise(rng, s, 4) - 0.5  # slow drift between redder and paler patches
-    img = base * (0.6 + 0.7 * low)[..., None]
-    img[..., 1:] *= (1 - 0.35 * hue)[..., None]
-
-    vessels = np.abs(_fractal(rng, s, 6, 3) - 0.5)
-    vessel = np.exp(-((vessels / 0.01) ** 2)) * rng.uniform(0.05, 0.2)  # thin dark-red lines
-    img *= 1 - vessel[..., None] * np.array([0.3, 1.0, 0.9], np.float32)
-
-    fold_field = _fractal(rng, s, 2, 2)
-    fold_w = rng.uniform(0.03, 0.07)
-    folds = np.exp(-(((fold_field - 0.5) / fold_w) ** 2))
-    shift = max(1, s // 64)
-    lit = _shift(folds, -shift, -shift)  # lit upper edge of each fold
-    img *= (1 - rng.uniform(0.25, 0.5) * folds + 0.25 * np.clip(lit - folds, 0, 1))[..., None]
-
-    if rng.random() < 0.4:  # the dark lumen, far down the colon
-        lx, ly, lr = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.25)
-        d = np.sqrt((xx - lx) ** 2 + (yy - ly) ** 2) / lr
-        img *= (1 - 0.85 * np.exp(-(d**2)))[..., None]
-
+    img, lit, folds = _mucosa(rng, s, xx, yy)
     # --- polyps, each rendered inside its own bounding box (keeps generation fast)
     mask = np.zeros((s, s), np.uint8)
     light = np.array([rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5), 1.0], np.float32)
     light /= np.linalg.norm(light)
     n_polyps = int(rng.choice([1, 2, 3], p=[0.65, 0.25, 0.1]))
     for j in range(n_polyps):
-        tiny = (j > 0 and rng.random() < 0.5) or rng.random() < 0.08
-        r = s * (rng.uniform(0.03, 0.06) if tiny else rng.uniform(0.08, 0.24))
-        poly = _polyp_polygon(rng, rng.uniform(0.1, 0.9) * s, rng.uniform(0.1, 0.9) * s, r)
-        pad = int(r * 0.4) + 3
-        x0, y0 = (np.floor(poly.min(0)).astype(int) - pad).clip(0, s)
-        x1, y1 = (np.ceil(poly.max(0)).astype(int) + pad).clip(0, s)
-        if x1 - x0 < 2 or y1 - y0 < 2:
-            continue
-        h, w = y1 - y0, x1 - x0
-        one = np.zeros((h, w), np.uint8)
-        cv2.fillPoly(one, [np.round((poly - (x0, y0)) * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
-        if not one.any():
-            continue
-        roi = img[y0:y1, x0:x1]
-        # dome height from the distance to the outline; surface normals from its gradient
-        dist = cv2.distanceTransform(one, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-        dmax = max(float(dist.max()), 1.0)
-        height = np.sqrt(1 - (1 - np.clip(dist / dmax, 0, 1)) ** 2) * dmax * rng.uniform(0.6, 1.2)
-        height = cv2.GaussianBlur(height, (0, 0), max(1.0, dmax * 0.15))  # a smooth dome, no ridge
-        gx = cv2.Sobel(height, cv2.CV_32F, 1, 0, ksize=3) / 8
-        gy = cv2.Sobel(height, cv2.CV_32F, 0, 1, ksize=3) / 8
-        diffuse = np.clip((-gx * light[0] - gy * light[1] + light[2]) / np.sqrt(gx**2 + gy**2 + 1), 0, 1)
-
-        # contact shadow just outside the outline, on the side away from the light
-        k = max(3, int(r * 0.3) | 1)
-        soft = cv2.GaussianBlur(one.astype(np.float32), (k, k), 0)
-        dx, dy = round(float(-light[0] * r * 0.2)), round(float(-light[1] * r * 0.2))
-        shadow = np.clip(_shift(soft, dx, dy) - one, 0, 1) * rng.uniform(0.25, 0.5)
-        roi *= (1 - shadow)[..., None]
-
-        # a tint a little off the mucosa, either way: never the same, never a fixed colour
-        bright = 1 + rng.choice([-1, 1]) * rng.uniform(0.06, 0.2)
-        red = rng.choice([-1, 1]) * rng.uniform(0.04, 0.15)
-        tint = np.array([1.0, 1 - red, 1 - 0.8 * red], np.float32) * bright
-        cells = max(3, int(max(h, w) / max(2.0, s / 48)))
-        grain = 1 + rng.uniform(0.05, 0.2) * (_noise_hw(rng, h, w, cells) - 0.5)
-        polyp = roi * tint * (0.55 + 0.55 * diffuse * grain)[..., None]
-        # specular: the brightest part of the dome, broken into a few blobs by smooth noise
-        glare = diffuse ** rng.uniform(8, 30) * (0.5 + _noise_hw(rng, h, w, 4))
-        polyp += np.clip((glare - 0.6) * 5, 0, 1)[..., None] * rng.uniform(0.4, 1.0)
-        inside = one.astype(bool)
-        roi[inside] = polyp[inside]
-        mask[y0:y1, x0:x1] |= one
-
+        _render_polyp(rng, img, mask, s, light, j)
     # --- camera: specular glints (some on fold crests), vignetting, gain, noise, the round scope border
     glints = np.zeros((s, s), np.float32)
     for _ in range(int(rng.integers(3, 15))):
@@ -187,6 +119,88 @@ def synth_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     if rng.random() < 0.3:  # slight defocus
         out = cv2.GaussianBlur(out, (3, 3), 0)
     return out, mask
+
+
+def _mucosa(
+    rng: np.random.Generator, s: int, xx: np.ndarray, yy: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The colon wall: base colour x low-frequency shading x vessels x folds (+ the lumen); with the
+    fold field and its lit edge, which the camera's glints reuse."""
+
+    # --- mucosa: base colour x low-frequency shading x vessels x folds
+    r0 = rng.uniform(0.72, 0.95)
+    base = np.array([r0, r0 * rng.uniform(0.38, 0.62), 0.0], np.float32)
+    base[2] = base[1] * rng.uniform(0.75, 1.1)
+    low = _fractal(rng, s, 3, 3)
+    hue = _noise(rng, s, 4) - 0.5  # slow drift between redder and paler patches
+    img = base * (0.6 + 0.7 * low)[..., None]
+    img[..., 1:] *= (1 - 0.35 * hue)[..., None]
+
+    vessels = np.abs(_fractal(rng, s, 6, 3) - 0.5)
+    vessel = np.exp(-((vessels / 0.01) ** 2)) * rng.uniform(0.05, 0.2)  # thin dark-red lines
+    img *= 1 - vessel[..., None] * np.array([0.3, 1.0, 0.9], np.float32)
+
+    fold_field = _fractal(rng, s, 2, 2)
+    fold_w = rng.uniform(0.03, 0.07)
+    folds = np.exp(-(((fold_field - 0.5) / fold_w) ** 2))
+    shift = max(1, s // 64)
+    lit = _shift(folds, -shift, -shift)  # lit upper edge of each fold
+    img *= (1 - rng.uniform(0.25, 0.5) * folds + 0.25 * np.clip(lit - folds, 0, 1))[..., None]
+
+    if rng.random() < 0.4:  # the dark lumen, far down the colon
+        lx, ly, lr = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.25)
+        d = np.sqrt((xx - lx) ** 2 + (yy - ly) ** 2) / lr
+        img *= (1 - 0.85 * np.exp(-(d**2)))[..., None]
+    return img, lit, folds
+
+
+def _render_polyp(
+    rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, s: int, light: np.ndarray, j: int
+) -> None:
+    """Polyp j, rendered into `img` and `mask` (in place) inside its own bounding box."""
+    tiny = (j > 0 and rng.random() < 0.5) or rng.random() < 0.08
+    r = s * (rng.uniform(0.03, 0.06) if tiny else rng.uniform(0.08, 0.24))
+    poly = _polyp_polygon(rng, rng.uniform(0.1, 0.9) * s, rng.uniform(0.1, 0.9) * s, r)
+    pad = int(r * 0.4) + 3
+    x0, y0 = (np.floor(poly.min(0)).astype(int) - pad).clip(0, s)
+    x1, y1 = (np.ceil(poly.max(0)).astype(int) + pad).clip(0, s)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return
+    h, w = y1 - y0, x1 - x0
+    one = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(one, [np.round((poly - (x0, y0)) * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
+    if not one.any():
+        return
+    roi = img[y0:y1, x0:x1]
+    # dome height from the distance to the outline; surface normals from its gradient
+    dist = cv2.distanceTransform(one, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    dmax = max(float(dist.max()), 1.0)
+    height = np.sqrt(1 - (1 - np.clip(dist / dmax, 0, 1)) ** 2) * dmax * rng.uniform(0.6, 1.2)
+    height = cv2.GaussianBlur(height, (0, 0), max(1.0, dmax * 0.15))  # a smooth dome, no ridge
+    gx = cv2.Sobel(height, cv2.CV_32F, 1, 0, ksize=3) / 8
+    gy = cv2.Sobel(height, cv2.CV_32F, 0, 1, ksize=3) / 8
+    diffuse = np.clip((-gx * light[0] - gy * light[1] + light[2]) / np.sqrt(gx**2 + gy**2 + 1), 0, 1)
+
+    # contact shadow just outside the outline, on the side away from the light
+    k = max(3, int(r * 0.3) | 1)
+    soft = cv2.GaussianBlur(one.astype(np.float32), (k, k), 0)
+    dx, dy = round(float(-light[0] * r * 0.2)), round(float(-light[1] * r * 0.2))
+    shadow = np.clip(_shift(soft, dx, dy) - one, 0, 1) * rng.uniform(0.25, 0.5)
+    roi *= (1 - shadow)[..., None]
+
+    # a tint a little off the mucosa, either way: never the same, never a fixed colour
+    bright = 1 + rng.choice([-1, 1]) * rng.uniform(0.06, 0.2)
+    red = rng.choice([-1, 1]) * rng.uniform(0.04, 0.15)
+    tint = np.array([1.0, 1 - red, 1 - 0.8 * red], np.float32) * bright
+    cells = max(3, int(max(h, w) / max(2.0, s / 48)))
+    grain = 1 + rng.uniform(0.05, 0.2) * (_noise_hw(rng, h, w, cells) - 0.5)
+    polyp = roi * tint * (0.55 + 0.55 * diffuse * grain)[..., None]
+    # specular: the brightest part of the dome, broken into a few blobs by smooth noise
+    glare = diffuse ** rng.uniform(8, 30) * (0.5 + _noise_hw(rng, h, w, 4))
+    polyp += np.clip((glare - 0.6) * 5, 0, 1)[..., None] * rng.uniform(0.4, 1.0)
+    inside = one.astype(bool)
+    roi[inside] = polyp[inside]
+    mask[y0:y1, x0:x1] |= one
 
 
 def make_synthetic_dataset(
