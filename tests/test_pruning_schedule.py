@@ -176,3 +176,46 @@ def test_cli_prune(parent, synth_dir, tmp_path, monkeypatch, capsys):
     assert code == 2 and err.count("\n") == 1 and "exactly one target" in err
     code, _, err = _cli(monkeypatch, capsys, *common, "--target-macs", "0.0001", "-q", "--overwrite")
     assert code == 2 and err.startswith("error: target macs 0.0001") and err.count("\n") == 1
+
+
+def test_finetune_budget_counts_every_step_spent(synth_dir, tmp_path):
+    """--finetune-budget F: the final fine-tune runs F x the parent's training steps; the trajectory
+    counts each step's fine-tuning and the final one, and their share of the parent's training."""
+    torch.manual_seed(0)
+    parent = save_model(
+        tmp_path / "parent.safetensors",
+        build_model("unet", base_width=16, depth=2),
+        input_spec=InputSpec(size=SIZE),
+        train={"epochs": 10, "n_train": 12, "batch": 4},  # 10 x 3 = 30 optimizer steps
+    )
+    s = prune_run(
+        _cfg(
+            parent,
+            synth_dir,
+            tmp_path / "run",
+            target_macs=0.7,
+            step_ratio=0.2,
+            finetune_iters=3,
+            finetune_budget=0.2,
+        )
+    )
+    traj = read_json(tmp_path / "run" / "trajectory.json")
+    b, steps = traj["budget"], traj["steps"][1:]
+    assert traj["finetune"]["parent_steps"] == 30 and b["parent_steps"] == 30
+    assert [r["finetune_steps"] for r in steps] == [3] * len(steps) and s["steps"] == len(steps)
+    assert b["final_steps"] == 6  # round(0.2 x 30)
+    assert b["finetune_steps"] == 3 * len(steps) + 6
+    assert b["fraction_of_parent"] == pytest.approx(b["finetune_steps"] / 30)
+    ckpt_history = read_metadata(tmp_path / "run" / "model.safetensors").train["finetune"]
+    assert ckpt_history["budget"] == 0.2
+
+
+def test_finetune_budget_needs_the_parents_training_record(parent, synth_dir, tmp_path):
+    with pytest.raises(ConfigError, match="finetune-budget"):
+        prune_run(
+            _cfg(parent, synth_dir, tmp_path / "run", target_macs=0.7, one_shot=True, finetune_budget=0.1)
+        )
+    with pytest.raises(ConfigError, match="not both"):
+        prune_run(
+            _cfg(parent, synth_dir, tmp_path / "r2", target_macs=0.7, final_epochs=1, finetune_budget=0.1)
+        )

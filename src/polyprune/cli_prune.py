@@ -65,6 +65,13 @@ def prune(
         int | None, typer.Option(help="Fine-tuning steps after each step (instead).")
     ] = None,
     final_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs after the last step.")] = 0,
+    finetune_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Final fine-tune as a fraction of the parent's training steps (0.2 = 20 %), instead of "
+            "--final-epochs; the trajectory records every step spent."
+        ),
+    ] = None,
     one_shot: Annotated[
         bool, typer.Option("--one-shot", help="Prune straight to the target, no fine-tuning.")
     ] = False,
@@ -129,6 +136,7 @@ def prune(
         finetune_epochs=finetune_epochs,
         finetune_iters=finetune_iters,
         final_epochs=final_epochs,
+        finetune_budget=finetune_budget,
         one_shot=one_shot,
         scope=scope,
         round_to=round_to,

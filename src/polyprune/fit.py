@@ -205,6 +205,7 @@ def fit(
                 "val_dice": val,
                 "lr": step.lr_now if n_steps else lr,
                 "seconds": time.perf_counter() - t0,
+                "steps": step.n_steps + step.skipped,  # optimizer steps taken (skipped ones count: budget)
                 "skipped_steps": step.skipped,
             }
             bar.set(loss=f"{row['loss']:.4f}", val_dice=f"{val:.4f}")

@@ -35,6 +35,7 @@ class PruneConfig:
     finetune_epochs: int | None = None  # default 1 when finetune_iters is not given
     finetune_iters: int | None = None
     final_epochs: int = 0
+    finetune_budget: float | None = None  # final fine-tune = this fraction of the parent's training steps
     one_shot: bool = False
     scope: str = "global"
     round_to: int = 8
@@ -110,6 +111,10 @@ def check_config(cfg: PruneConfig) -> None:
             raise ConfigError(f"--{k.replace('_', '-')} must be >= 0, got {v}")
     if cfg.final_epochs < 0:
         raise ConfigError(f"--final-epochs must be >= 0, got {cfg.final_epochs}")
+    if cfg.finetune_budget is not None:
+        check_number("finetune_budget", cfg.finetune_budget, low=0, low_open=True, high=10)
+        if cfg.final_epochs:
+            raise ConfigError("give the final fine-tune as --final-epochs or as --finetune-budget, not both")
     if cfg.n_images < 1:
         raise ConfigError(f"--n-images must be >= 1, got {cfg.n_images}")
     if cfg.int8 and cfg.backend == "torch":

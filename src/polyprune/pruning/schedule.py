@@ -45,79 +45,15 @@ from polyprune.progress import is_main_process, log, progress_bar
 from polyprune.pruning.config import PruneConfig, check_config
 from polyprune.pruning.engine import prune_model
 from polyprune.pruning.session import PruneSession
+from polyprune.pruning.trajectory import (
+    budget_spent,
+    final_iters,
+    new_trajectory,
+    step_target,
+    stop_or_fail,
+    target_reached,
+)
 from polyprune.structure import layer_widths
-
-
-def _new_trajectory(run: PruneSession) -> dict[str, Any]:
-    cfg = run.cfg
-    parent_row = {"step": 0, "filters_removed": 0, **run.measure(run.parent)}
-    d0 = run.dice(run.parent)
-    parent_row.update(
-        val_dice_before_finetune=d0, val_dice_after_finetune=d0, val_dice=d0, widths=layer_widths(run.parent)
-    )
-    return {
-        "parent": {
-            "path": run.parent_path,
-            "arch": run.meta.arch,
-            "params": parent_row["params"],
-            "macs": parent_row["macs"],
-            "latency_ms": parent_row["latency_ms"],
-            "val_dice": d0,
-            "size": run.size,
-        },
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "progress")},
-        "options": {
-            k: getattr(cfg, k)
-            for k in (
-                "reduce",
-                "signal",
-                "n_images",
-                "scope",
-                "round_to",
-                "min_channels",
-                "group_reduce",
-                "seed",
-            )
-        },
-        "finetune": {
-            "epochs": cfg.finetune_epochs,
-            "iters": cfg.finetune_iters,
-            "final_epochs": cfg.final_epochs,
-            "lr": cfg.lr,
-            "batch": cfg.batch,
-            "loss": cfg.loss,
-        },
-        "steps": [parent_row],
-        "state": "pruning",  # pruning -> final -> done
-        "final_step": None,
-        "final": None,
-    }
-
-
-def _target_reached(cfg: PruneConfig, traj: dict[str, Any], row: dict[str, Any]) -> bool:
-    p = traj["parent"]
-    if cfg.target_params is not None:
-        return row["params"] <= cfg.target_params * p["params"]
-    if cfg.target_macs is not None:
-        return row["macs"] <= cfg.target_macs * p["macs"]
-    if cfg.target_fps is not None:
-        return 1000.0 / row["latency_ms"] >= cfg.target_fps
-    return False  # max_dice_drop: prune until the budget is spent
-
-
-def _step_target(cfg: PruneConfig, traj: dict[str, Any], current: dict[str, Any]) -> dict[str, float]:
-    """This step's target for prune_model: step_ratio of the remaining filters, never past the final target."""
-    p = traj["parent"]
-    target: dict[str, float] = {}
-    if not cfg.one_shot:
-        target["ratio"] = cfg.step_ratio
-    if cfg.target_params is not None:
-        target["params"] = min(1.0, cfg.target_params * p["params"] / current["params"])
-    elif cfg.target_macs is not None:
-        target["macs"] = min(1.0, cfg.target_macs * p["macs"] / current["macs"])
-    elif cfg.one_shot:
-        target["ratio"] = cfg.step_ratio  # fps / Dice targets step without fine-tuning
-    return target
 
 
 def _check_reachable(run: PruneSession) -> None:
@@ -221,7 +157,7 @@ def _open_trajectory(cfg: PruneConfig, run: PruneSession) -> dict[str, Any]:
         _check_same_options(run.traj_path, traj.get("config", {}), cfg)
         return traj
     _check_reachable(run)
-    traj = _new_trajectory(run)
+    traj = new_trajectory(run)
     run.write_trajectory(traj)
     return traj
 
@@ -246,7 +182,7 @@ def _pruning_steps(cfg: PruneConfig, run: PruneSession, traj: dict[str, Any]) ->
         prev = traj["steps"][-1]
         step = prev["step"] + 1
         if step > cfg.max_steps:
-            _stop_or_fail(cfg, traj, prev, f"reached max_steps={cfg.max_steps}")
+            stop_or_fail(cfg, traj, prev, f"reached max_steps={cfg.max_steps}")
         else:
             _prune_step(cfg, run, traj, model, history, step)
         run.write_trajectory(traj)
@@ -268,7 +204,7 @@ def _prune_step(
                 torch.zeros(1, 3, run.size, run.size, device=run.device),
                 run.calibration,
                 cfg.criterion,
-                _step_target(cfg, traj, prev),
+                step_target(cfg, traj, prev),
                 reduce=cfg.reduce,
                 signal=cfg.signal,
                 loss_fn=_loss(cfg.loss),
@@ -282,14 +218,15 @@ def _prune_step(
                 seed=cfg.seed + step,
             )
         except TargetError as exc:  # nothing more can be removed
-            _stop_or_fail(cfg, traj, prev, str(exc))
+            stop_or_fail(cfg, traj, prev, str(exc))
             return
         bar.advance(1, removed=result.filters_removed)
         d_before = run.dice(model)
         bar.advance(1, val_dice=f"{d_before:.4f}")
     history += result.history
-    d_after, kept = _finetune_step(cfg, run, model, step, d_before)
-    row = {"step": step, "filters_removed": result.filters_removed, **run.measure(model)}
+    d_after, kept, ft_steps = _finetune_step(cfg, run, model, step, d_before)
+    row = {"step": step, "filters_removed": result.filters_removed, "finetune_steps": ft_steps}
+    row.update(run.measure(model))
     val = d_after if kept == "finetuned" else d_before
     row.update(
         val_dice_before_finetune=d_before,
@@ -311,25 +248,27 @@ def _prune_step(
     if cfg.max_dice_drop is not None and not val >= p["val_dice"] - cfg.max_dice_drop:
         row["within_dice_drop"] = False
         traj.update(state="final", final_step=step - 1)
-    elif _target_reached(cfg, traj, row):
+    elif target_reached(cfg, traj, row):
         traj.update(state="final", final_step=step)
 
 
 def _finetune_step(
     cfg: PruneConfig, run: PruneSession, model: nn.Module, step: int, d_before: float
-) -> tuple[float | None, str]:
-    """(val Dice after fine-tuning or None, which weights were kept: "pruned" or "finetuned")."""
+) -> tuple[float | None, str, int]:
+    """(val Dice after fine-tuning or None, the weights kept: "pruned" or "finetuned", steps spent)."""
     ft_epochs, ft_iters = _finetune_budget(cfg)
     if not (ft_epochs or ft_iters):
-        return None, "pruned"
+        return None, "pruned", 0
     pruned_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # fit shows its own bar (rich allows one live display at a time)
-    run.finetune(model, epochs=ft_epochs, iters=ft_iters, seed=cfg.seed + step, desc=f"step {step} fine-tune")
+    spent = run.finetune(
+        model, epochs=ft_epochs, iters=ft_iters, seed=cfg.seed + step, desc=f"step {step} fine-tune"
+    )
     d_after = run.dice(model)
     if d_before > d_after:  # fit keeps its best epoch; the pruned weights may be better still
         model.load_state_dict(pruned_state)
-        return d_after, "pruned"
-    return d_after, "finetuned"
+        return d_after, "pruned", spent
+    return d_after, "finetuned", spent
 
 
 def _final_finetune(cfg: PruneConfig, run: PruneSession, traj: dict[str, Any]) -> None:
@@ -338,12 +277,13 @@ def _final_finetune(cfg: PruneConfig, run: PruneSession, traj: dict[str, Any]) -
 
     final_step = traj["final_step"]
     model, history = run.load_step(final_step)
-    if cfg.final_epochs > 0:
+    iters, spent = final_iters(cfg, traj), 0
+    if cfg.final_epochs > 0 or iters:
         seed_everything(cfg.seed + 10_000)
-        run.finetune(
+        spent = run.finetune(
             model,
-            epochs=cfg.final_epochs,
-            iters=None,
+            epochs=cfg.final_epochs or None,
+            iters=iters,
             seed=cfg.seed + 10_000,
             desc="final fine-tune",
             checkpoint_dir=run.out / "checkpoint",
@@ -356,7 +296,7 @@ def _final_finetune(cfg: PruneConfig, run: PruneSession, traj: dict[str, Any]) -
         "val_dice": run.dice(model),
         "widths": layer_widths(model),
     }
-    traj.update(final=final, state="done")
+    traj.update(final=final, state="done", budget=budget_spent(traj, spent))
     run.save(run.out / "model.safetensors", model, traj, history, final_step)
     run.write_trajectory(traj)
 
@@ -365,16 +305,3 @@ def _loss(name: str) -> Any:
     from polyprune.losses import make_loss
 
     return make_loss(name)
-
-
-def _stop_or_fail(cfg: PruneConfig, traj: dict[str, Any], prev: dict[str, Any], why: str) -> None:
-    """No further step is possible: a Dice budget ends at the last step; any other target was missed."""
-    if cfg.max_dice_drop is not None:
-        traj.update(state="final", final_step=prev["step"])
-        return
-    if cfg.target_fps is not None:
-        fps = 1000.0 / prev["latency_ms"]
-        raise TargetError(
-            f"--target-fps {cfg.target_fps:g} cannot be met: best {fps:.1f} fps at step {prev['step']} ({why})"
-        )
-    raise TargetError(f"pruning target not met after step {prev['step']}: {why}")

@@ -5,6 +5,7 @@ backend, validation Dice), fine-tune (`fit.fit`) and save each step."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +132,11 @@ class PruneSession:
 
     def finetune(
         self, model: nn.Module, *, epochs: int | None, iters: int | None, seed: int, desc: str, **kw: Any
-    ) -> None:
+    ) -> int:
+        """Fine-tune `model` in place; returns the optimizer steps spent (all epochs, resumed ones too)."""
         from polyprune.fit import fit
 
-        fit(
+        history = fit(
             model,
             self.train_ds,
             self.val_ds if len(self.val_ds) else None,
@@ -154,6 +156,15 @@ class PruneSession:
             temperature=self.cfg.distill_temperature,
             **kw,
         )
+        return sum(int(r.get("steps", 0)) for r in history)
+
+    def parent_steps(self) -> int | None:
+        """Optimizer steps of the parent's own training (epochs x batches per epoch), from its file."""
+        t = self.meta.train or {}
+        try:
+            return int(t["epochs"]) * math.ceil(int(t["n_train"]) / int(t["batch"]))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
 
     # ------------------------------------------------------------------------------ files
 
