@@ -219,3 +219,14 @@ def test_finetune_budget_needs_the_parents_training_record(parent, synth_dir, tm
         prune_run(
             _cfg(parent, synth_dir, tmp_path / "r2", target_macs=0.7, final_epochs=1, finetune_budget=0.1)
         )
+
+
+def test_cost_latency_times_convs_once_and_keeps_the_table(parent, synth_dir, tmp_path):
+    s = prune_run(_cfg(parent, synth_dir, tmp_path / "run", target_macs=0.6, one_shot=True, cost="latency"))
+    assert s["macs_fraction"] <= 0.6
+    table = read_json(tmp_path / "run" / "layer_latency.json")
+    assert table and all(v > 0 for v in table.values())
+    with pytest.raises(ConfigError, match="torch or onnxruntime"):
+        prune_run(
+            _cfg(parent, synth_dir, tmp_path / "r2", target_macs=0.6, cost="latency", backend="openvino")
+        )

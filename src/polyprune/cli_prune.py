@@ -50,7 +50,11 @@ def prune(
     ] = 0.0,
     distill_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
     cost: Annotated[
-        str, typer.Option(help="none | macs | params: divide importance by what a channel's removal saves.")
+        str,
+        typer.Option(
+            help="none | macs | params | latency: divide importance by what a channel's removal saves "
+            "(latency: ms per conv, measured on --backend torch or onnxruntime at --size)."
+        ),
     ] = "none",
     ignore: Annotated[
         list[str] | None,

@@ -41,7 +41,7 @@ class PruneConfig:
     round_to: int = 8
     min_channels: int = 4
     group_reduce: str = "sum"
-    cost: str = "none"  # none | macs | params: rank importance per MAC (param) saved
+    cost: str = "none"  # none | macs | params | latency: rank importance per MAC (param, ms) saved
     ignore: list[str] = field(default_factory=list)  # layer names never pruned (e.g. a pretrained stem)
     max_steps: int = 100
     batch: int = 8
@@ -111,6 +111,10 @@ def check_config(cfg: PruneConfig) -> None:
             raise ConfigError(f"--{k.replace('_', '-')} must be >= 0, got {v}")
     if cfg.final_epochs < 0:
         raise ConfigError(f"--final-epochs must be >= 0, got {cfg.final_epochs}")
+    if cfg.cost == "latency" and cfg.backend not in ("torch", "onnxruntime"):
+        raise ConfigError(
+            f"--cost latency times convs with torch or onnxruntime, not --backend {cfg.backend}"
+        )
     if cfg.finetune_budget is not None:
         check_number("finetune_budget", cfg.finetune_budget, low=0, low_open=True, high=10)
         if cfg.final_epochs:

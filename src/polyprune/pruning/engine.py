@@ -33,6 +33,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from polyprune import distributed as dist_utils
 from polyprune.counting import count_macs, count_params
 from polyprune.errors import ConfigError, TargetError
 from polyprune.pruning.groups import PruneGroup, group_costs, group_scores, prunable_groups
@@ -46,7 +47,7 @@ from polyprune.pruning.importance import (
 from polyprune.structure import build_graph, layer_widths
 
 SCOPES = ("global", "uniform")
-COSTS = ("none", "macs", "params")
+COSTS = ("none", "macs", "params", "latency")
 GROUP_REDUCES = ("sum", "mean", "max")
 TARGET_KEYS = ("ratio", "params", "macs")
 
@@ -271,6 +272,7 @@ def prune_model(
     scope: str = "global",
     group_reduce: str = "sum",
     cost: str = "none",
+    latency: Any = None,
     seed: int = 0,
 ) -> PruneResult:
     """Score, rank and physically remove filters of `model` (in place) until `target` is met.
@@ -282,7 +284,9 @@ def prune_model(
 
     `cost` "macs" / "params": a group's scores are divided by what removing one of its channels saves
     (`group_costs`), so the global ranking removes the least output change per MAC (or param) saved
-    (the idea of HALP, Shen et al. 2022, with MACs for latency); "none" is the paper's plain ranking.
+    (the idea of HALP, Shen et al. 2022, with MACs for latency); "latency": per ms saved, measured per
+    conv by `latency` (a `layer_latency.LayerLatency`; default: torch on this machine); "none" is the
+    paper's plain ranking.
     """
     targets = _parse_target(target)
     _check_options(criterion, scope, group_reduce, min_channels, round_to, cost)
@@ -320,7 +324,13 @@ def prune_model(
     )
     gscores = group_scores(groups, scores, group_reduce)
     if cost != "none":
-        costs = group_costs(model, dg, groups, example_input, cost)
+        if cost == "latency" and latency is None:
+            from polyprune.pruning.layer_latency import LayerLatency
+
+            latency = LayerLatency("torch")
+        costs = group_costs(model, dg, groups, example_input, cost, latency)
+        if cost == "latency":  # timings differ between processes: every rank ranks by rank 0's
+            costs = dist_utils.broadcast_object(costs)
         gscores = [None if sc is None else sc / c for sc, c in zip(gscores, costs, strict=True)]
     planner = _Planner(groups, gscores, scope, min_channels, round_to)
     lo = _TargetSearch(model, example_input, groups, planner, targets, params0, macs0).smallest_k(

@@ -92,11 +92,17 @@ def group_scores(
 
 
 def group_costs(
-    model: nn.Module, dg: tp.DependencyGraph, groups: list[PruneGroup], example_input: torch.Tensor, cost: str
+    model: nn.Module,
+    dg: tp.DependencyGraph,
+    groups: list[PruneGroup],
+    example_input: torch.Tensor,
+    cost: str,
+    latency: Any = None,
 ) -> list[float]:
-    """What removing ONE channel of each group saves: MACs (at the example input's size) or params,
-    summed over every conv whose out- or in-channels the group touches. Exact for convs and transposed
-    convs (a depthwise conv counted once); BatchNorm / bias terms are left out (<1 %)."""
+    """What removing ONE channel of each group saves: MACs (at the example input's size), params, or
+    measured ms (`latency`: a `layer_latency.LayerLatency`), summed over every conv whose out- or
+    in-channels the group touches. MACs and params are exact for convs and transposed convs (a depthwise
+    conv counted once); BatchNorm / bias terms are left out (<1 %)."""
     shapes: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def hook(m: nn.Module, inp: Any, out: Any) -> None:
@@ -123,6 +129,8 @@ def group_costs(
         if cost == "params":
             return float(weights)
         (_, _, *hw_in), (_, _, *hw_out) = shapes.get(m, ((0, 0, 0, 0), (0, 0, 0, 0)))
+        if cost == "latency":
+            return latency.saving_per_channel(m, tuple(hw_in), side) if hw_in else 0.0
         transposed = isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
         return float(weights * math.prod(hw_in if transposed else hw_out))
 

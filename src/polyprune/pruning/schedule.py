@@ -214,6 +214,7 @@ def _prune_step(
                 scope=cfg.scope,
                 group_reduce=cfg.group_reduce,
                 cost=cfg.cost,
+                latency=run.layer_latency,
                 ignored_layers=cfg.ignore or None,
                 seed=cfg.seed + step,
             )
@@ -224,6 +225,8 @@ def _prune_step(
         d_before = run.dice(model)
         bar.advance(1, val_dice=f"{d_before:.4f}")
     history += result.history
+    if run.layer_latency is not None and is_main_process():
+        run.layer_latency.save()  # what was timed for this step, for the next ones and a resume
     d_after, kept, ft_steps = _finetune_step(cfg, run, model, step, d_before)
     row = {"step": step, "filters_removed": result.filters_removed, "finetune_steps": ft_steps}
     row.update(run.measure(model))

@@ -98,6 +98,13 @@ class PruneSession:
         self.parent = parent.to(self.device)
         self.parent_path = str(Path(cfg.model))
         self.traj_path = self.out / "trajectory.json"
+        self.layer_latency = None
+        if cfg.cost == "latency":
+            from polyprune.pruning.layer_latency import LayerLatency
+
+            self.layer_latency = LayerLatency(
+                cfg.backend, threads=cfg.threads, cache=self.out / "layer_latency.json"
+            )
 
     # ------------------------------------------------------------------------------ measuring
 
