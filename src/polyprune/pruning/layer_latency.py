@@ -17,8 +17,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from polyprune.errors import ConfigError
 from polyprune.files import write_json
+from polyprune.latency import time_callable
 
 BACKENDS = ("torch", "onnxruntime")
 SHRINK = 0.25  # share of the channels removed for the probe
@@ -89,7 +88,7 @@ class LayerLatency:
     def _time(self, probe: nn.Module, x: torch.Tensor) -> float:
         if self.backend == "torch":
             with torch.no_grad():
-                return _median_ms(lambda: probe(x), self.runs)
+                return time_callable(lambda: probe(x), runs=self.runs, warmup=2).median_ms
         import onnxruntime as ort
 
         buf = io.BytesIO()
@@ -99,7 +98,7 @@ class LayerLatency:
         opts.inter_op_num_threads = 1
         sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
         feed = {sess.get_inputs()[0].name: x.numpy()}
-        return _median_ms(lambda: sess.run(None, feed), self.runs)
+        return time_callable(lambda: sess.run(None, feed), runs=self.runs, warmup=2).median_ms
 
 
 def _conv_like(m: _ConvNd, cin: int, cout: int, groups: int) -> nn.Module:
@@ -116,14 +115,3 @@ def _conv_like(m: _ConvNd, cin: int, cout: int, groups: int) -> nn.Module:
     if isinstance(m, nn.Conv2d):
         return nn.Conv2d(cin, cout, padding_mode=m.padding_mode, **kw)
     raise ConfigError(f"latency cost handles 2-D convs; {type(m).__name__} is not one")
-
-
-def _median_ms(fn: Any, runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
