@@ -604,6 +604,8 @@ REVIEWED = {  # (file, line): why it is not a raw write of a final output
     ("distributed.py", 'with path.open("a") as fh:'): "opt-in debug record of cross-rank checks",
     ("export.py", "torch.onnx.export("): "_torch_export writes export_onnx's atomic_path temp file",
     ("export.py", "onnx.save(proto, str(path))  # < 2 GB: one file, weights inside"): "the same temp file",
+    ("layer_latency.py", "torch.onnx.export(probe, (x,), buf, dynamo=False, opset_version=17)"): "into an "
+    "in-memory buffer (io.BytesIO), never a file",
     ("run.py", 'with os.fdopen(fd, "w") as fh:'): "a cell's claim (lock) file, created with O_EXCL; "
     "readers treat an empty one as held",
     (
