@@ -27,6 +27,7 @@ import numpy as np
 
 from polyprune.errors import ConfigError, DataError
 from polyprune.files import atomic_path
+from polyprune.pipeline import percentile
 from polyprune.predictor import Predictor, overlay, to_mask
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
@@ -132,12 +133,8 @@ class LiveCapture:
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"median": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
-    s = sorted(values)
-
-    def q(p: float) -> float:
-        return s[min(len(s) - 1, round(p * (len(s) - 1)))]
-
-    return {"median": statistics.median(s), "p90": q(0.9), "p99": q(0.99), "max": s[-1]}
+    return {"median": statistics.median(values), "p90": percentile(values, 0.9), "p99": percentile(values, 0.99),
+            "max": max(values)}  # fmt: skip
 
 
 class LiveStats:

@@ -35,7 +35,7 @@ class PipelineRun:
 
     def summary(self) -> dict[str, Any]:
         med = {s: statistics.median(v) if v else 0.0 for s, v in self.times.items()}
-        p90 = {s: _percentile(v, 0.9) for s, v in self.times.items()}
+        p90 = {s: percentile(v, 0.9) for s, v in self.times.items()}
         out: dict[str, Any] = {
             "frames": self.frames,
             "wall_s": self.wall_s,
@@ -49,7 +49,7 @@ class PipelineRun:
         return out
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     s = sorted(values)

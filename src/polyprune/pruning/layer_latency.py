@@ -89,14 +89,11 @@ class LayerLatency:
         if self.backend == "torch":
             with torch.no_grad():
                 return time_callable(lambda: probe(x), runs=self.runs, warmup=2).median_ms
-        import onnxruntime as ort
+        from polyprune.export import ort_session
 
         buf = io.BytesIO()
         torch.onnx.export(probe, (x,), buf, dynamo=False, opset_version=17)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads or 0
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(buf.getvalue(), self.threads)
         feed = {sess.get_inputs()[0].name: x.numpy()}
         return time_callable(lambda: sess.run(None, feed), runs=self.runs, warmup=2).median_ms
 
