@@ -90,7 +90,8 @@ def test_run_live_at_source_rate_records_serves_and_summarizes(model_file, tmp_p
             on_serve=viewer, out_dir=tmp_path / "out",
         )  # fmt: skip
     assert r["kind"] == "live" and r["frames"] + r["dropped"] == r["captured"] == 40
-    assert r["dropped"] <= 2  # 25 FPS against a ~5 ms model: (almost) nothing to drop
+    # 25 FPS against a ~5 ms model: little to drop, even with a second test worker busy on the other core
+    assert r["dropped"] <= 8
     lat = r["latency_ms"]
     assert 0 < lat["median"] <= lat["p90"] <= lat["p99"] <= lat["max"] < 1000
     assert r["frames_sent"] > 0 and r["latency_to_sent_ms"]["median"] >= 0

@@ -5,7 +5,8 @@ Each conv is timed alone, at batch 1 with its own input size in the network, at 
 with a quarter of its channels (on the side a group removes: out-channels of the group's convs,
 in-channels of their consumers) removed; the saving per channel is the difference over the channels
 removed. A depthwise conv loses in- and out-channels together (counted on its out side). Timings are
-medians of `runs` runs; a saving that timing noise makes negative counts as a tiny positive one.
+medians of `runs` runs, the two widths timed in turn within each run (so load from elsewhere on the
+machine shifts both, not their difference); a saving that noise makes negative counts as a tiny positive one.
 
 Measured widths are cached by the conv's shape (kinds, channels, kernel, stride, groups, input size,
 backend) in memory and, for a prune run, in RUN/layer_latency.json, so a resumed or iterative run does
@@ -17,6 +18,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,6 @@ from torch.nn.modules.conv import _ConvNd
 
 from polyprune.errors import ConfigError
 from polyprune.files import write_json
-from polyprune.latency import time_callable
 
 BACKENDS = ("torch", "onnxruntime")
 SHRINK = 0.25  # share of the channels removed for the probe
@@ -55,14 +58,14 @@ class LayerLatency:
         k = max(1, math.floor(c * SHRINK))
         if c - k < 1:
             return 1e-6
-        full = self._ms(m, in_hw, m.in_channels, m.out_channels)
         if depthwise:
-            small = self._ms(m, in_hw, c - k, c - k)
+            small = (c - k, c - k)
         elif side == "out":
-            small = self._ms(m, in_hw, m.in_channels, c - k)
+            small = (m.in_channels, c - k)
         else:
-            small = self._ms(m, in_hw, c - k, m.out_channels)
-        return max((full - small) / k, 1e-6)
+            small = (c - k, m.out_channels)
+        full_ms, small_ms = self._ms(m, in_hw, [(m.in_channels, m.out_channels), small])
+        return max((full_ms - small_ms) / k, 1e-6)
 
     def save(self) -> None:
         if self.cache is not None:
@@ -70,32 +73,60 @@ class LayerLatency:
 
     # ------------------------------------------------------------------------------------ timing
 
-    def _ms(self, m: _ConvNd, in_hw: tuple[int, ...], cin: int, cout: int) -> float:
-        depthwise = m.groups > 1 and m.groups == m.in_channels
-        groups = cin if depthwise else m.groups
-        if cin % groups or cout % groups:
-            groups = 1
-        key = json.dumps(
-            [type(m).__name__, cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups, list(in_hw),
-             self.backend, self.threads],
-        )  # fmt: skip
-        if key not in self.table:
-            probe = _conv_like(m, cin, cout, groups).eval()
-            x = torch.randn(1, cin, *in_hw)
-            self.table[key] = self._time(probe, x)
-        return self.table[key]
+    def _ms(self, m: _ConvNd, in_hw: tuple[int, ...], widths: list[tuple[int, int]]) -> list[float]:
+        """Median ms of `m`'s shape at each (in, out) width; the uncached ones are timed interleaved, run by
+        run, so a load that comes and goes on the machine shifts all of them alike, not their difference."""
+        keys = [self._key(m, in_hw, cin, cout) for cin, cout in widths]
+        todo = [(key, w) for key, w in zip(keys, widths, strict=True) if key not in self.table]
+        if todo:
+            calls = [self._callable(m, in_hw, cin, cout) for _, (cin, cout) in todo]
+            times = _time_interleaved(calls, runs=self.runs, warmup=2)
+            self.table.update({key: t for (key, _), t in zip(todo, times, strict=True)})
+        return [self.table[key] for key in keys]
 
-    def _time(self, probe: nn.Module, x: torch.Tensor) -> float:
+    def _key(self, m: _ConvNd, in_hw: tuple[int, ...], cin: int, cout: int) -> str:
+        return json.dumps(
+            [type(m).__name__, cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, _groups(m, cin, cout),
+             list(in_hw), self.backend, self.threads],
+        )  # fmt: skip
+
+    def _callable(self, m: _ConvNd, in_hw: tuple[int, ...], cin: int, cout: int) -> Callable[[], object]:
+        probe = _conv_like(m, cin, cout, _groups(m, cin, cout)).eval()
+        x = torch.randn(1, cin, *in_hw)
         if self.backend == "torch":
-            with torch.no_grad():
-                return time_callable(lambda: probe(x), runs=self.runs, warmup=2).median_ms
+
+            def run_torch() -> object:
+                with torch.no_grad():
+                    return probe(x)
+
+            return run_torch
         from polyprune.export import ort_session
 
         buf = io.BytesIO()
         torch.onnx.export(probe, (x,), buf, dynamo=False, opset_version=17)
         sess = ort_session(buf.getvalue(), self.threads)
         feed = {sess.get_inputs()[0].name: x.numpy()}
-        return time_callable(lambda: sess.run(None, feed), runs=self.runs, warmup=2).median_ms
+        return lambda: sess.run(None, feed)
+
+
+def _groups(m: _ConvNd, cin: int, cout: int) -> int:
+    depthwise = m.groups > 1 and m.groups == m.in_channels
+    groups = cin if depthwise else m.groups
+    return 1 if cin % groups or cout % groups else groups
+
+
+def _time_interleaved(calls: list[Callable[[], object]], *, runs: int, warmup: int) -> list[float]:
+    """Median ms of each call, timing them in turn within every run."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(runs):
+        for call, ts in zip(calls, times, strict=True):
+            t0 = time.perf_counter()
+            call()
+            ts.append((time.perf_counter() - t0) * 1000.0)
+    return [statistics.median(ts) for ts in times]
 
 
 def _conv_like(m: _ConvNd, cin: int, cout: int, groups: int) -> nn.Module:
