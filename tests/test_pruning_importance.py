@@ -10,7 +10,8 @@ from torch.nn import functional as F
 
 from polyprune.errors import ConfigError
 from polyprune.models import build_model
-from polyprune.pruning.importance import CRITERIA, compute_importance, find_layers
+from polyprune.pruning.importance import CRITERIA, compute_importance
+from polyprune.pruning.layers import find_layers
 
 N = 16
 

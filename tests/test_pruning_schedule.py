@@ -230,3 +230,20 @@ def test_cost_latency_times_convs_once_and_keeps_the_table(parent, synth_dir, tm
         prune_run(
             _cfg(parent, synth_dir, tmp_path / "r2", target_macs=0.6, cost="latency", backend="openvino")
         )
+
+
+def test_validation_is_the_parents_own_split_whatever_the_run_seed(synth_dir, tmp_path):
+    """A prune seed other than the parent's training seed must not move training images into validation."""
+    from polyprune.train import make_datasets
+
+    torch.manual_seed(0)
+    path = save_model(
+        tmp_path / "parent.safetensors", build_model("unet", base_width=8, depth=2), input_spec=InputSpec(size=SIZE),
+        train={"seed": 3, "val_fraction": 0.25},
+    )  # fmt: skip
+    run = session.PruneSession(_cfg(path, synth_dir, tmp_path / "run", target_macs=0.5, seed=0))
+    _, parent_val = make_datasets([str(synth_dir)], InputSpec(size=SIZE), val_fraction=0.25, seed=3)
+    _, seed0_val = make_datasets([str(synth_dir)], InputSpec(size=SIZE), val_fraction=0.25, seed=0)
+    assert session._image_paths(run.val_ds) == session._image_paths(parent_val)
+    assert session._image_paths(seed0_val) != session._image_paths(parent_val)  # the seed does move the split
+    assert run.split_seed == 3

@@ -62,6 +62,12 @@ def prune(
     ] = None,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per latency measurement.")] = 20,
     step_ratio: Annotated[float, typer.Option(help="Share of the remaining filters removed per step.")] = 0.1,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Reach --target-params / --target-macs in this many steps, geometric (instead of --step-ratio)."
+        ),
+    ] = None,
     finetune_epochs: Annotated[
         int | None, typer.Option(help="Fine-tuning epochs after each step (default 1).")
     ] = None,
@@ -137,6 +143,7 @@ def prune(
         ignore=list(ignore or []),
         latency_runs=latency_runs,
         step_ratio=step_ratio,
+        steps=steps,
         finetune_epochs=finetune_epochs,
         finetune_iters=finetune_iters,
         final_epochs=final_epochs,

@@ -6,8 +6,10 @@ result = prune_model(model, torch.randn(1, 3, 256, 256), loader, "taylor-gradnor
 
 from __future__ import annotations
 
-from polyprune.pruning.engine import PruneResult, prune_model
-from polyprune.pruning.importance import CRITERIA, compute_importance, find_layers
+from polyprune.pruning.engine import prune_model
+from polyprune.pruning.importance import CRITERIA, compute_importance
+from polyprune.pruning.layers import find_layers
+from polyprune.pruning.result import PruneResult
 from polyprune.structure import layer_widths, replay_pruning_history
 
 __all__ = [

@@ -32,6 +32,7 @@ class PruneConfig:
     latency_runs: int = 20
     int8: bool = False  # latency of the INT8 deployment (onnxruntime / openvino backends)
     step_ratio: float = 0.1
+    steps: int | None = None  # params / MACs target in this many steps, geometric (instead of step_ratio)
     finetune_epochs: int | None = None  # default 1 when finetune_iters is not given
     finetune_iters: int | None = None
     final_epochs: int = 0
@@ -103,6 +104,15 @@ def check_config(cfg: PruneConfig) -> None:
     latency_function(cfg.backend)
     if not 0 < cfg.step_ratio < 1:
         raise ConfigError(f"--step-ratio must be in (0, 1), got {cfg.step_ratio}")
+    if cfg.steps is not None:
+        if cfg.target_params is None and cfg.target_macs is None:
+            raise ConfigError(
+                "--steps splits a --target-params or --target-macs target; --step-ratio steps the others"
+            )
+        if cfg.one_shot:
+            raise ConfigError("give --steps or --one-shot, not both")
+        if not 1 <= cfg.steps <= cfg.max_steps:
+            raise ConfigError(f"--steps must be in [1, {cfg.max_steps}], got {cfg.steps}")
     if cfg.finetune_epochs is not None and cfg.finetune_iters is not None:
         raise ConfigError("give --finetune-epochs or --finetune-iters, not both")
     for k in ("finetune_epochs", "finetune_iters"):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,47 +38,20 @@ from polyprune.errors import ConfigError, TargetError
 from polyprune.pruning.groups import PruneGroup, group_costs, group_scores, prunable_groups
 from polyprune.pruning.importance import (
     DATA_CRITERIA,
+    PRUNER_CRITERIA,
     LossFn,
     check_criterion,
     compute_importance,
     find_layers,
 )
+from polyprune.pruning.metapruner import prune_with_metapruner
+from polyprune.pruning.result import PruneResult
 from polyprune.structure import build_graph, layer_widths
 
 SCOPES = ("global", "uniform")
 COSTS = ("none", "macs", "params", "latency")
 GROUP_REDUCES = ("sum", "mean", "max")
 TARGET_KEYS = ("ratio", "params", "macs")
-
-
-@dataclass
-class PruneResult:
-    model: nn.Module
-    history: list[list[Any]]  # [[layer name, [removed out-channel idxs]], ...] in the order applied
-    removed: dict[str, int]  # root layer -> filters removed
-    widths_before: dict[str, int]
-    widths_after: dict[str, int]
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-    criterion: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def filters_removed(self) -> int:
-        return sum(self.removed.values())
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able record of this call (no model)."""
-        return {
-            "criterion": self.criterion,
-            "options": self.options,
-            "filters_removed": self.filters_removed,
-            "params": [self.params_before, self.params_after],
-            "macs": [self.macs_before, self.macs_after],
-            "widths": self.widths_after,
-        }
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -287,9 +259,18 @@ def prune_model(
     (the idea of HALP, Shen et al. 2022, with MACs for latency); "latency": per ms saved, measured per
     conv by `latency` (a `layer_latency.LayerLatency`; default: torch on this machine); "none" is the
     paper's plain ranking.
+
+    `criterion` "tp-taylor" / "tp-magnitude": torch-pruning's MetaPruner chooses and removes the channels
+    (metapruner.py; global ranking, `round_to`; `min_channels`, `scope`, `group_reduce` and `cost` are
+    polyprune's and do not apply). On a TargetError it may leave the model partly pruned.
     """
     targets = _parse_target(target)
     _check_options(criterion, scope, group_reduce, min_channels, round_to, cost)
+    if criterion in PRUNER_CRITERIA:
+        return prune_with_metapruner(
+            model, example_input, calibration_loader, criterion, targets, loss_fn=loss_fn, n_images=n_images,
+            ignored_layers=ignored_layers, round_to=round_to, scope=scope, group_reduce=group_reduce, cost=cost,
+        )  # fmt: skip
     if criterion in DATA_CRITERIA and calibration_loader is None:
         raise ConfigError(f"criterion {criterion!r} needs calibration images (calibration_loader)")
     example_input = example_input.to(next(model.parameters()).device)

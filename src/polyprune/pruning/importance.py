@@ -44,6 +44,7 @@ weights are identical on every rank and `random` is seeded.
 
 Ours, not torch-pruning 1.6's: its importances score whole groups (with consumers' in-channels, over
 the group mean), unlike the per-filter formulas above (checked against hand counts in the tests).
+Its own pruner is a baseline: criteria tp-taylor / tp-magnitude (metapruner.py, not scored here).
 """
 
 from __future__ import annotations
@@ -54,32 +55,15 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from polyprune import distributed as dist_utils
 from polyprune.errors import ConfigError
+from polyprune.pruning.layers import Layer, find_layers, model_device
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 REDUCES = ("abs", "sq")
 SIGNALS = ("loss", "random")
-
-
-@dataclass
-class Layer:
-    """A prunable conv and the module whose output is its feature map (its BatchNorm, or itself)."""
-
-    name: str
-    conv: _ConvNd
-    norm: _BatchNorm | None = None
-
-    @property
-    def out_channels(self) -> int:
-        return self.conv.out_channels
-
-    @property
-    def feature_module(self) -> nn.Module:
-        return self.norm if self.norm is not None else self.conv
 
 
 @dataclass
@@ -100,48 +84,6 @@ class Criterion(Protocol):
     def __call__(
         self, model: nn.Module, layers: dict[str, Layer], calib: Calibration
     ) -> dict[str, torch.Tensor]: ...
-
-
-# --------------------------------------------------------------------------------------- layers
-
-
-def find_layers(model: nn.Module, example_input: torch.Tensor) -> dict[str, Layer]:
-    """Every conv / ConvTranspose of `model`, paired with the BatchNorm that directly consumes its output.
-
-    Found by one forward pass: a BatchNorm follows a conv when its input IS the conv's output tensor.
-    """
-    names = {m: n for n, m in model.named_modules()}
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, _ConvNd)}
-    outputs: list[tuple[torch.Tensor, str]] = []
-    norms: dict[str, _BatchNorm] = {}
-
-    def conv_hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        outputs.append((out, names[mod]))
-
-    def bn_pre_hook(mod: nn.Module, inp: tuple) -> None:
-        for tensor, conv_name in outputs:
-            if inp[0] is tensor and conv_name not in norms:
-                norms[conv_name] = mod  # type: ignore[assignment]
-
-    handles = [m.register_forward_hook(conv_hook) for m in convs.values()]
-    handles += [
-        m.register_forward_pre_hook(bn_pre_hook) for m in model.modules() if isinstance(m, _BatchNorm)
-    ]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input.to(_device(model)))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return {n: Layer(n, c, norms.get(n)) for n, c in convs.items()}
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _filter_dims(conv: _ConvNd) -> tuple[int, ...]:
@@ -265,7 +207,7 @@ def _taylor_scores(
         raise ConfigError(f"reduce must be one of {', '.join(REDUCES)}, got {calib.reduce!r}")
     if calib.signal not in SIGNALS:
         raise ConfigError(f"signal must be one of {', '.join(SIGNALS)}, got {calib.signal!r}")
-    device = _device(model)
+    device = model_device(model)
     loss_fn = _loss_fn(calib) if calib.signal == "loss" else None
     scores = {n: torch.zeros(ly.out_channels, dtype=torch.float64) for n, ly in layers.items()}
     was_training = model.training
@@ -352,13 +294,16 @@ CRITERIA: dict[str, Criterion] = {
     "bn-scale": bn_scale,
     "random": random_scores,
 }
-DATA_CRITERIA = ("taylor-gradnorm", "taylor")
+DATA_CRITERIA = ("taylor-gradnorm", "taylor", "tp-taylor")
+PRUNER_CRITERIA = ("tp-taylor", "tp-magnitude")  # torch-pruning's MetaPruner ranks these (metapruner.py)
 
 
-def check_criterion(criterion: str) -> None:
-    """The one check of a criterion name (prune_model, compute_importance and PruneConfig use it)."""
-    if criterion not in CRITERIA:
-        raise ConfigError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+def check_criterion(criterion: str, *, scored: bool = False) -> None:
+    """The one check of a criterion name (prune_model, compute_importance and PruneConfig use it);
+    scored=True: only those scored here, not torch-pruning's."""
+    names = [*CRITERIA] if scored else [*CRITERIA, *PRUNER_CRITERIA]
+    if criterion not in names:
+        raise ConfigError(f"unknown criterion {criterion!r}; choose from {', '.join(names)}")
 
 
 def compute_importance(
@@ -384,7 +329,7 @@ def compute_importance(
     so EVERY rank must call this with the same loader, layers and options. Pass False to score all
     images in this process alone (e.g. on rank 0 only).
     """
-    check_criterion(criterion)
+    check_criterion(criterion, scored=True)
     if layers is None:
         if example_input is None:
             raise ConfigError("compute_importance needs example_input or layers")

@@ -75,13 +75,16 @@ class PruneSession:
         # the parent itself is pruned in place below: distillation needs an unpruned copy
         self.teacher = copy.deepcopy(parent).eval() if cfg.distill > 0 else None
         check_training_memory(copy.deepcopy(parent).to("meta"), self.spec.size, cfg.batch)
+        # the parent's own train / val split (its training seed), so validation never scores images the
+        # parent trained on; the run's seed drives calibration, random scores and fine-tuning
+        self.split_seed = int((self.meta.train or {}).get("seed", cfg.seed))
         self.train_ds, self.val_ds = make_datasets(
             cfg.data,
             self.spec,
             ids_file=cfg.ids_file or None,
             exclude_ids_file=cfg.exclude_ids or None,
             val_fraction=cfg.val_fraction,
-            seed=cfg.seed,
+            seed=self.split_seed,
             augment=True,
             skip_bad=cfg.skip_bad,
         )

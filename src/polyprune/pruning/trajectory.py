@@ -41,9 +41,11 @@ def new_trajectory(run: PruneSession) -> dict[str, Any]:
                 "round_to",
                 "min_channels",
                 "group_reduce",
+                "steps",
                 "seed",
             )
         },
+        "split_seed": run.split_seed,
         "finetune": {
             "epochs": cfg.finetune_epochs,
             "iters": cfg.finetune_iters,
@@ -73,8 +75,14 @@ def target_reached(cfg: PruneConfig, traj: dict[str, Any], row: dict[str, Any]) 
 
 
 def step_target(cfg: PruneConfig, traj: dict[str, Any], current: dict[str, Any]) -> dict[str, float]:
-    """This step's target for prune_model: step_ratio of the remaining filters, never past the final target."""
+    """This step's target for prune_model: step_ratio of the remaining filters, never past the final target;
+    with `steps` K, step i keeps target**(i/K) of the parent's params / MACs (the last step: the target)."""
     p = traj["parent"]
+    if cfg.steps is not None:
+        key = "params" if cfg.target_params is not None else "macs"
+        goal = (cfg.target_params if key == "params" else cfg.target_macs) or 1.0
+        share = goal ** (min(current["step"] + 1, cfg.steps) / cfg.steps)
+        return {key: min(1.0, share * p[key] / current[key])}
     target: dict[str, float] = {}
     if not cfg.one_shot:
         target["ratio"] = cfg.step_ratio
