@@ -5,7 +5,7 @@ params, macs     polyprune.counting (torch FlopCounterMode, conv MACs) at the mo
 val_dice         Dice@0.5 per image on the validation split carved from the parent's training
                  pool (polyprune.fit.validation_dice, fp32)
 test             polyprune.evaluate.evaluate_model on Kvasir-SEG (PraNet test ids, 100) and
-                 CVC-ClinicDB (PraNet test ids, 62): every metric of both protocols (Jha "dice" at
+                 CVC-ClinicDB (PraNet test ids, 62) and CVC-ColonDB (all 380, unseen): every metric of both protocols (Jha "dice" at
                  0.5; PraNet toolbox "mean_dice" over 256 thresholds), at GT resolution
 latency          polyprune.latency.onnxruntime_latency: static ONNX export at each size, batch 1,
                  `latency_threads` intra-op threads, `warmup` untimed runs, then median / p90 /
@@ -30,9 +30,9 @@ from polyprune.pruning import layer_widths
 
 
 def measure_model(
-    path: Path, *, grid: Grid, val_ds: Any, tests: dict[str, tuple[Path, Path]], progress: bool = False
+    path: Path, *, grid: Grid, val_ds: Any, tests: dict[str, tuple[Path, Path | None]], progress: bool = False
 ) -> dict[str, Any]:
-    """The record of one model file; `tests` maps a short name to (dataset folder, ids file)."""
+    """The record of one model file; `tests` maps a short name to (dataset folder, ids file or None: all)."""
     t0 = time.perf_counter()
     model = load_model(path)
     size = model.polyprune_meta.input.size

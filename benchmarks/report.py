@@ -16,7 +16,7 @@ from typing import Any
 from grid import METHODS, Grid
 from polyprune.files import atomic_path, atomic_write_text, write_json
 
-TESTS = (("kvasir", "Kvasir"), ("clinicdb", "ClinicDB"))
+TESTS = (("kvasir", "Kvasir"), ("clinicdb", "ClinicDB"), ("colondb", "ColonDB"))
 
 
 # ------------------------------------------------------------------------------------- aggregation
@@ -62,6 +62,8 @@ def aggregate(
     rows = []
     for target in grid.targets:
         for method in grid.methods:
+            if target not in grid.targets_of(method):
+                continue  # a cell the grid cut
             recs = [r for r in records if r["method"] == method and r["target"] == target]
             ok = [r for r in recs if r.get("status") == "ok"]
             row: dict[str, Any] = {
@@ -107,6 +109,8 @@ def table(rows: list[dict[str, Any]], parent_row: dict[str, Any] | None, grid: G
         "Kvasir mDice",
         "ClinicDB Dice",
         "ClinicDB mDice",
+        "ColonDB Dice",
+        "ColonDB mDice",
         f"ORT ms @{s_lo}",
         f"ORT ms @{s_hi}",
         f"FPS @{s_hi}",
@@ -130,6 +134,8 @@ def table(rows: list[dict[str, Any]], parent_row: dict[str, Any] | None, grid: G
                 _fmt(row, "kvasir_mdice", ".3f"),
                 _fmt(row, "clinicdb_dice", ".3f"),
                 _fmt(row, "clinicdb_mdice", ".3f"),
+                _fmt(row, "colondb_dice", ".3f"),
+                _fmt(row, "colondb_mdice", ".3f"),
                 _fmt(row, f"ms_{s_lo}", ".1f"),
                 _fmt(row, f"ms_{s_hi}", ".1f"),
                 _fmt(row, f"fps_{s_hi}", ".1f"),
@@ -352,7 +358,7 @@ def plot_dice_vs_macs(
     import matplotlib.pyplot as plt
 
     colors = _colors(list(grid.methods))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    fig, axes = plt.subplots(1, len(TESTS), figsize=(6 * len(TESTS), 4.8), sharex=True)
     for ax, (key, label) in zip(axes, TESTS, strict=True):
         for method in grid.methods:
             pts = [
@@ -533,25 +539,28 @@ def markdown(
         "",
         "## Setup",
         "",
-        f"- **Parent**: UNet width {info.get('width', '?')}, input {size} px, "
+        f"- **Parent**: {info.get('arch', 'UNet')}, input {size} px, "
         f"{info.get('params', 0) / 1e6:.2f} M params, {info.get('macs', 0) / 1e9:.2f} GMACs; trained "
         f"{tm.get('epochs', '?')} epochs ({info.get('train_steps')} steps, batch {tm.get('batch', '?')}, lr {tm.get('lr', '?')}, "
         f"{tm.get('precision', '?')}) on {data} ({tm.get('n_train', '?')} training images, {tm.get('n_val', '?')} validation "
         f"images carved from the train split with seed {split.get('seed')}; PraNet test ids excluded). File `{info.get('path')}`.",
-        f"- **Pruning** (every method alike): {grid.prune_steps} prune rounds to a geometric MACs schedule ending at the target, "
-        f"{grid.finetune_iters} fine-tuning steps in all (split evenly over the rounds; AdamW lr {grid.finetune_lr:g}, cosine, "
-        f"batch {grid.batch}, the parent's loss and {info.get('precision')} precision). Data-driven scores use {grid.n_images} "
-        "unaugmented training images, re-scored every round. Global ranking, widths multiples of 8 "
-        "(polyprune `round_to=8`, torch-pruning `round_to=8`), head never pruned.",
-        "- **torch-pruning**: `MetaPruner(global_pruning=True, pruning_ratio=1.0, iterative_steps="
-        f"{grid.tp_iterative_steps}, round_to=8, ignored_layers=[head])`, `step()` until the round's MACs target "
-        "(its reproduce/main.py progressive pruning); GroupTaylorImportance reads the gradient of the training "
-        "loss over the same calibration images; MagnitudeImportance is L2.",
+        f"- **Pruning** (every method alike, torch-pruning's included): `polyprune prune` itself "
+        f"(`polyprune.pruning.prune_run`), `--target-macs T --steps {grid.prune_steps}` (geometric steps ending at the "
+        f"target), `--finetune-iters {grid.finetune_iters // grid.prune_steps}` after each step (AdamW lr {grid.finetune_lr:g}, "
+        f"cosine, batch {grid.batch}, the parent's loss and {info.get('precision')} precision; each step keeps the better of "
+        f"pruned / fine-tuned by val Dice). Data-driven scores use {grid.n_images} unaugmented training images, re-scored "
+        "every step. Global ranking, widths multiples of 8 (`round_to=8`), head never pruned.",
+        "- **torch-pruning** (criteria `tp-taylor`, `tp-magnitude`, polyprune/pruning/metapruner.py): "
+        "`MetaPruner(global_pruning=True, pruning_ratio=1.0, iterative_steps=200, round_to=8, "
+        "ignored_layers=[head])`, `step()` until the step's MACs target (its reproduce/main.py progressive "
+        "pruning); GroupTaylorImportance reads the gradient of the training loss over the same calibration "
+        "images; MagnitudeImportance is L2.",
         f"- **scratch**: every parent width times one factor (integer widths, MACs within ~1 % of the target), "
         f"trained from scratch for the parent's {info.get('train_steps')} steps + {grid.finetune_iters} (the same total "
         "training budget as parent + fine-tuning), the parent's lr and batch.",
         f"- **Scores**: Kvasir-SEG test (PraNet split, {(parent or {}).get('test', {}).get('kvasir', {}).get('n_images', '?')} images) "
-        f"and CVC-ClinicDB test (PraNet split, {(parent or {}).get('test', {}).get('clinicdb', {}).get('n_images', '?')} images) at GT "
+        f"CVC-ClinicDB test (PraNet split, {(parent or {}).get('test', {}).get('clinicdb', {}).get('n_images', '?')} images) and "
+        f"CVC-ColonDB (unseen, {(parent or {}).get('test', {}).get('colondb', {}).get('n_images', '?')} images) at GT "
         "resolution: **Dice** = Dice@0.5 per image (Jha protocol), **mDice** = PraNet toolbox mean Dice over 256 "
         "thresholds. val Dice = Dice@0.5 on the parent's validation split.",
         f"- **Latency**: ONNX Runtime (CPU EP), static export at each size, batch 1, {grid.latency_threads} intra-op "

