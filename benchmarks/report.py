@@ -393,6 +393,68 @@ def plot_dice_vs_macs(
     plt.close(fig)
 
 
+# Published Kvasir-SEG test mDice on the PraNet split (PraNet toolbox protocol: the 256-threshold mean
+# Dice, as our "mDice"), as reported, with the hardware their FPS was measured on: not this CPU, so they
+# are drawn as reference levels, never placed on our FPS axis. ../shared/research/polyp_anchors.md.
+PUBLISHED_KVASIR_MDICE = (
+    ("UNet", 0.818, "PraNet paper, Table 1; ~11 FPS as cited by Jha et al."),
+    ("PraNet", 0.898, "Fan et al., MICCAI 2020; ~50 FPS on an RTX TITAN"),
+    ("HarDNet-MSEG", 0.912, "Huang et al. 2021 README; 88 FPS on an RTX 2080 Ti"),
+    ("Polyp-PVT", 0.917, "Dong et al. 2023; FPS not reported"),
+)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points that no other point beats in both x (FPS) and y (Dice), in increasing x."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return sorted(front)
+
+
+def plot_dice_vs_fps(
+    path: Path, rows: list[dict[str, Any]], parent_row: dict[str, Any] | None, grid: Grid
+) -> None:
+    """Kvasir mDice vs measured FPS at the largest latency size: every (method, target), the Pareto front,
+    the parent, 25 FPS (video rate) and the published models' levels."""
+    import matplotlib.pyplot as plt
+
+    size = grid.latency_sizes[-1]
+    colors = _colors(list(grid.methods))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    points: list[tuple[float, float]] = []
+    for method in grid.methods:
+        pts = [r for r in rows if r["method"] == method and r["status"] == "ok"]
+        pts = [(r["mean"].get(f"fps_{size}"), r["mean"].get("kvasir_mdice")) for r in pts]
+        pts = [(x, y) for x, y in pts if x and y is not None]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), color=colors[method], label=method, zorder=3)
+            points += pts
+    if parent_row and parent_row["status"] == "ok":
+        xy = (parent_row["mean"].get(f"fps_{size}"), parent_row["mean"].get("kvasir_mdice"))
+        if xy[0] and xy[1] is not None:
+            ax.plot(*xy, marker="*", ms=15, color="black", ls="none", label="parent", zorder=4)
+            points.append(xy)
+    if len(points) > 1:
+        front = pareto_front(points)
+        ax.plot(*zip(*front, strict=True), color="black", lw=1, ls="--", label="Pareto front", zorder=2)
+    for i, (name, dice, source) in enumerate(PUBLISHED_KVASIR_MDICE):  # labels alternate sides: close levels
+        ax.axhline(dice, color="tab:gray", lw=0.8, ls=":")
+        ax.annotate(f"{name} {dice:.3f} ({source})", (0.99 if i % 2 else 0.01, dice), fontsize=6.5,
+                    xycoords=("axes fraction", "data"), va="bottom", ha="right" if i % 2 else "left", color="dimgray")  # fmt: skip
+    ax.axvline(25, color="tab:red", lw=0.8, ls="--", label="25 FPS (video rate)")
+    ax.set_xlabel(f"FPS on this CPU (ONNX Runtime fp32, {size} px, {grid.latency_threads} threads, batch 1)")
+    ax.set_ylabel("Kvasir-SEG test mDice (PraNet toolbox)")
+    ax.set_title("accuracy vs speed; published levels are as reported, on their own GPUs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
 def plot_oneshot(path: Path, curves: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
@@ -504,6 +566,7 @@ def write_report(
         },
     )
     plot_dice_vs_macs(out / "dice_vs_macs.png", rows, parent_row, grid)
+    plot_dice_vs_fps(out / "dice_vs_fps.png", rows, parent_row, grid)
     if oneshot:
         plot_oneshot(out / "oneshot_curves.png", oneshot)
     plot_speedup(out / "speedup_vs_macs.png", records, parent, grid)
@@ -585,6 +648,8 @@ def markdown(
         *([f"- {f}" for f in facts] or ["_(no finished cells yet)_"]),
         "",
         "## Plots",
+        "",
+        "![Dice vs FPS](dice_vs_fps.png)",
         "",
         "![Dice vs MACs](dice_vs_macs.png)",
         "",

@@ -151,3 +151,11 @@ def test_smoke_grid_runs_end_to_end_through_the_library_schedule(shared_data, tm
     for name in ("kvasir", "clinicdb", "colondb"):
         assert recs["scratch"]["test"][name]["n_images"] == 20
     assert "ColonDB Dice" in (work / "smoke_results" / "results.md").read_text()
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_speed_and_dice():
+    import report
+
+    pts = [(10.0, 0.90), (20.0, 0.88), (15.0, 0.85), (30.0, 0.80), (30.0, 0.70), (5.0, 0.89)]
+    assert report.pareto_front(pts) == [(10.0, 0.90), (20.0, 0.88), (30.0, 0.80)]
+    assert report.pareto_front([(1.0, 0.5)]) == [(1.0, 0.5)]
