@@ -11,7 +11,9 @@ latency          polyprune.latency.onnxruntime_latency: static ONNX export at ea
                  `latency_threads` intra-op threads, `warmup` untimed runs, then median / p90 /
                  min of `runs` timed runs of the session call on a preprocessed input. Measured
                  once with the cell, then again for every model in one back-to-back pass when the
-                 grid is complete (run.final_latency_pass), so all rows share the same conditions
+                 grid is complete (run.final_latency_pass), so all rows share the same conditions;
+                 at the largest size also the static INT8 model (ONNX Runtime's quantizer, MinMax
+                 on 16 training images) on ONNX Runtime and the fp32 model on OpenVINO
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from polyprune.pruning import layer_widths
 
 
 def measure_model(
-    path: Path, *, grid: Grid, val_ds: Any, tests: dict[str, tuple[Path, Path | None]], progress: bool = False
+    path: Path,
+    *,
+    grid: Grid,
+    val_ds: Any,
+    tests: dict[str, tuple[Path, Path | None]],
+    calib: list[Path] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """The record of one model file; `tests` maps a short name to (dataset folder, ids file or None: all)."""
     t0 = time.perf_counter()
@@ -50,17 +58,26 @@ def measure_model(
         res = evaluate_model(path, [folder], ids_file=ids, backend="torch", progress=progress)
         (summary,) = (v for k, v in res.items() if not k.startswith("_"))
         rec["test"][name] = summary
-    rec["latency"] = measure_latency(path, grid)
+    rec["latency"] = measure_latency(path, grid, calib)
     rec["measure_seconds"] = round(time.perf_counter() - t0, 1)
     return rec
 
 
-def measure_latency(path: Path, grid: Grid) -> dict[str, Any]:
-    """ONNX Runtime latency of one model file at every size of the grid: {size: stats}."""
+def measure_latency(path: Path, grid: Grid, calib: list[Path] | None = None) -> dict[str, Any]:
+    """Latency of one model file, {key: stats}: ONNX Runtime fp32 at every size of the grid ("256", "352"),
+    and at the largest size its static INT8 deployment ("int8_352", calibrated on `calib` images) and
+    OpenVINO's CPU default ("openvino_352"), timed back to back."""
+    from polyprune.io import load_model
+    from polyprune.latency import int8_latency, openvino_latency
+
     out: dict[str, Any] = {}
+    common = {"runs": grid.latency_runs, "warmup": grid.latency_warmup, "threads": grid.latency_threads}
+    extra = {"threads": grid.latency_threads, "warmup": grid.latency_warmup}
     for s in grid.latency_sizes:
-        lat = onnxruntime_latency(
-            path, s, runs=grid.latency_runs, warmup=grid.latency_warmup, threads=grid.latency_threads
-        )
-        out[str(s)] = {**lat.to_dict(), "threads": grid.latency_threads, "warmup": grid.latency_warmup}
+        out[str(s)] = {**onnxruntime_latency(path, s, **common).to_dict(), **extra}
+    s = grid.latency_sizes[-1]
+    if calib:
+        lat = int8_latency(load_model(path), s, calib, backend="onnxruntime", **common)
+        out[f"int8_{s}"] = {**lat.to_dict(), **extra, "calib_images": len(calib)}
+    out[f"openvino_{s}"] = {**openvino_latency(path, s, **common).to_dict(), **extra}
     return out

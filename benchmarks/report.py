@@ -49,6 +49,11 @@ def metrics(
         out[f"fps_{s}"] = 1000.0 / ms if ms else None
         p_ms = _get(parent, f"latency.{s}.median_ms") if parent else None
         out[f"speedup_{s}"] = p_ms / ms if p_ms and ms else None
+    s = sizes[-1]
+    for kind in ("int8", "openvino"):
+        ms = _get(rec, f"latency.{kind}_{s}.median_ms")
+        out[f"ms_{kind}_{s}"] = ms
+        out[f"fps_{kind}_{s}"] = 1000.0 / ms if ms else None
     p_macs = _get(parent, "macs") if parent else None
     out["macs_fraction"] = out["macs"] / p_macs if p_macs and out["macs"] else None
     out["macs_reduction"] = p_macs / out["macs"] if p_macs and out["macs"] else None
@@ -115,6 +120,8 @@ def table(rows: list[dict[str, Any]], parent_row: dict[str, Any] | None, grid: G
         f"ORT ms @{s_hi}",
         f"FPS @{s_hi}",
         f"speed-up @{s_hi}",
+        f"INT8 ms @{s_hi}",
+        f"OpenVINO ms @{s_hi}",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row in ([parent_row] if parent_row else []) + rows:
@@ -140,6 +147,8 @@ def table(rows: list[dict[str, Any]], parent_row: dict[str, Any] | None, grid: G
                 _fmt(row, f"ms_{s_hi}", ".1f"),
                 _fmt(row, f"fps_{s_hi}", ".1f"),
                 _fmt(row, f"speedup_{s_hi}", ".2f"),
+                _fmt(row, f"ms_int8_{s_hi}", ".1f"),
+                _fmt(row, f"ms_openvino_{s_hi}", ".1f"),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -628,7 +637,8 @@ def markdown(
         "thresholds. val Dice = Dice@0.5 on the parent's validation split.",
         f"- **Latency**: ONNX Runtime (CPU EP), static export at each size, batch 1, {grid.latency_threads} intra-op "
         f"threads, {grid.latency_warmup} warm-up runs then the median of {grid.latency_runs} runs. FPS = 1000 / median "
-        "ms; speed-up = parent ms / model ms. "
+        f"ms; speed-up = parent ms / model ms. INT8 = the static INT8 model (ONNX Runtime's quantizer, MinMax on 16 "
+        f"training images) on ONNX Runtime; OpenVINO = the fp32 model on OpenVINO's CPU default, both at {grid.latency_sizes[-1]} px. "
         + (
             "Every model was timed again in one back-to-back pass after the last cell finished, so all rows "
             "share the same machine load (`latency_first` in results.json keeps each cell's first timing)."

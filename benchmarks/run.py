@@ -312,7 +312,15 @@ class Bench:
         return validation_dice(model, self.val_ds, batch=self.grid.batch, device="cpu", precision="fp32")
 
     def measure(self, path: Path) -> dict[str, Any]:
-        return measure_model(path, grid=self.grid, val_ds=self.val_ds, tests=self.tests)
+        return measure_model(
+            path, grid=self.grid, val_ds=self.val_ds, tests=self.tests, calib=self.int8_calib
+        )
+
+    @property
+    def int8_calib(self) -> list[Path]:
+        """The first 16 training images: what INT8 calibration reads (latency does not depend on them)."""
+        parts = getattr(self.train_ds, "datasets", [self.train_ds])
+        return [s.image for part in parts for s in part.samples][:16]
 
     def save(self, path: Path, model: torch.nn.Module, **meta: Any) -> None:
         parent = {"path": str(self.parent_path), "id": self.parent_id, "macs": self.parent_macs}
@@ -524,11 +532,13 @@ def final_latency_pass(b: Bench, cells: list[G.Cell], force: bool = False) -> No
     recs = {f: r for f, r in recs.items() if r.get("status") == "ok"}
     if not force and all(r.get("latency_pass") == "final" for r in recs.values()):
         return
-    log(f"final latency pass: {len(recs)} models, ONNX Runtime, {b.grid.latency_threads} threads")
+    log(
+        f"final latency pass: {len(recs)} models, ONNX Runtime fp32 + INT8, OpenVINO, {b.grid.latency_threads} threads"
+    )
     for f, rec in recs.items():
         path = Path(rec["path"]) if rec.get("method") == "parent" else model_file(f)
         rec.setdefault("latency_first", rec["latency"])
-        rec["latency"] = measure_latency(path, b.grid)
+        rec["latency"] = measure_latency(path, b.grid, b.int8_calib)
         rec["latency_pass"] = "final"
         write_json(f / "done.json", rec)
 

@@ -150,6 +150,8 @@ def test_smoke_grid_runs_end_to_end_through_the_library_schedule(shared_data, tm
         assert traj["budget"]["finetune_steps"] == 4  # 2 steps x finetune_iters 4 // 2
     for name in ("kvasir", "clinicdb", "colondb"):
         assert recs["scratch"]["test"][name]["n_images"] == 20
+    lat = recs["scratch"]["latency"]  # fp32 at both sizes, INT8 and OpenVINO at 352, in the final pass
+    assert {"256", "352", "int8_352", "openvino_352"} <= set(lat) and lat["int8_352"]["median_ms"] > 0
     assert "ColonDB Dice" in (work / "smoke_results" / "results.md").read_text()
 
 
