@@ -97,6 +97,7 @@ def test_steps_reach_a_macs_target_geometrically_through_the_schedule(synth_dir,
         ({"target_fps": 10.0, "steps": 2}, "--steps splits"),
         ({"target_macs": 0.5, "steps": 2, "one_shot": True}, "--one-shot"),
         ({"target_macs": 0.5, "steps": 0}, "--steps must be"),
+        ({"target_macs": 0.5, "criterion": "tp-taylor", "cost": "macs"}, "--cost apply"),
     ],
 )
 def test_steps_options_are_checked_before_anything_runs(kw, match, tmp_path):

@@ -19,7 +19,11 @@ def prune(
     data: Annotated[list[Path], typer.Option("--data", help="Dataset folder (repeatable).")],
     out: Annotated[Path, typer.Option(help="Run folder: model.safetensors, trajectory.json, steps/.")],
     criterion: Annotated[
-        str, typer.Option(help="taylor-gradnorm | taylor | l1 | l2 | bn-scale | random")
+        str,
+        typer.Option(
+            help="taylor-gradnorm | taylor | l1 | l2 | bn-scale | random | tp-taylor | tp-magnitude "
+            "(the last two: torch-pruning's MetaPruner, a baseline)"
+        ),
     ] = "taylor-gradnorm",
     reduce: Annotated[str, typer.Option(help="taylor-gradnorm per-image term: abs | sq")] = "abs",
     signal: Annotated[
