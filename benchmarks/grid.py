@@ -177,7 +177,7 @@ GRIDS: dict[str, Grid] = {
         prune_steps=2,
         finetune_iters=150,
         oneshot_methods=("tgn-abs-loss", "l1", "tp-taylor"),
-        oneshot_ratios=(0.0, 0.2, 0.4, 0.6),
+        oneshot_ratios=(0.0, 0.3, 0.6),
         latency_runs=20,
     ),
     "smoke": Grid(
