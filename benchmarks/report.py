@@ -211,7 +211,7 @@ def findings(
     if mean_rank:
         order = sorted(mean_rank, key=lambda m: statistics.fmean(mean_rank[m]))
         out.append(
-            "Mean rank over targets and both test sets (1 = best): "
+            "Mean rank over targets and the test sets (1 = best): "
             + ", ".join(f"{m} {statistics.fmean(mean_rank[m]):.1f}" for m in order)
             + "."
         )
