@@ -51,14 +51,6 @@ def _flat(scores: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([scores[k] for k in sorted(scores)])
 
 
-def test_find_layers_pairs_convs_with_their_batchnorm():
-    m = _unet()
-    layers = find_layers(m, torch.zeros(1, 3, 32, 32))
-    assert layers["enc0.conv1"].norm is m.enc0.bn1
-    assert layers["dec1.conv2"].norm is m.dec1.bn2
-    assert layers["up0"].norm is None and layers["head"].norm is None  # ConvTranspose and head: no BN
-
-
 @pytest.mark.parametrize("criterion", sorted(CRITERIA))
 def test_every_criterion_scores_every_channel(criterion):
     m = _unet()
