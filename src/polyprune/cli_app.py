@@ -60,3 +60,15 @@ def log_summary(line: str) -> None:
     from polyprune.progress import log
 
     log(line)
+
+
+def parse_floats(option: str, text: str | None) -> list[float]:
+    """'0.75,1,1.25' -> [0.75, 1.0, 1.25]; None / '' -> []; anything else one ConfigError naming the option."""
+    from polyprune.errors import ConfigError
+
+    try:
+        return [float(v) for v in (text or "").split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"{option} takes numbers separated by commas, e.g. 0.75,1,1.25; got {text!r}"
+        ) from None

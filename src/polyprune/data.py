@@ -35,6 +35,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from polyprune.checks import check_size
 from polyprune.errors import ConfigError, DataError
@@ -374,3 +375,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         x = torch.from_numpy(preprocess_image(image, self.spec))
         y = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
         return x, y
+
+
+def epoch_loader(
+    train_ds: Dataset, epoch: int, batch: int, seed: int, workers: int, world: int
+) -> DataLoader:
+    """Epoch `epoch`'s batches: the shuffle (and augmentation) depend on (seed, epoch) only."""
+    if hasattr(train_ds, "set_epoch"):
+        train_ds.set_epoch(epoch)
+    if world > 1:
+        sampler = DistributedSampler(train_ds, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False)
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(train_ds, batch_size=batch, shuffle=True, generator=gen, num_workers=workers)

@@ -26,14 +26,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from polyprune import distributed as dist_utils
 from polyprune.checkpoint import load_checkpoint, save_checkpoint
 from polyprune.checks import check_int, check_number, check_seed
+from polyprune.data import epoch_loader
 from polyprune.device import autocast, resolve_device, resolve_precision
 from polyprune.errors import ConfigError, TrainingError
 from polyprune.losses import distillation_loss, make_loss
+from polyprune.multiscale import MultiScale
 from polyprune.progress import is_main_process, log, progress_bar
 
 MAX_BAD_STEPS = 20
@@ -130,6 +132,7 @@ def fit(
     teacher: nn.Module | None = None,
     distill: float = 0.0,
     temperature: float = 1.0,
+    scales: tuple[float, ...] = (),
 ) -> list[dict[str, Any]]:
     """Train `model` in place; at the end it holds the best-validation weights (last if no val set).
 
@@ -138,6 +141,10 @@ def fit(
 
     `teacher` + `distill` > 0: the loss adds `distill` x `distillation_loss` to the teacher's
     probabilities (the teacher runs in eval mode, without gradients; e.g. the unpruned parent).
+
+    `scales` (e.g. (0.75, 1, 1.25), PraNet's multi-scale training): each step resizes its batch to one of
+    them x the data's size (rounded to the model's stride), drawn from (seed, step), so a resume sees the
+    same sizes; validation stays at the data's size.
     """
     dev = dist_utils.local_device(device if isinstance(device, torch.device) else resolve_device(device))
     prec = resolve_precision(precision, dev)
@@ -145,7 +152,7 @@ def fit(
         raise ConfigError("the training set is empty")
     check_training_numbers(lr=lr, weight_decay=weight_decay, batch=batch, seed=seed, workers=workers)
     loss_fn = make_loss(loss)
-    _check_fit_options(warmup, distill, temperature, teacher)
+    _check_fit_options(warmup, distill, temperature, teacher, scales)
     world = dist_utils.world_size()
     model.to(dev)
     teacher = _prepare_teacher(teacher, dev) if distill > 0 else None
@@ -169,18 +176,19 @@ def fit(
     warmup_steps = int(warmup * total_steps)
     # what fixes the learning-rate schedule and the batch order: a resume must not change it silently
     schedule = {"total_steps": total_steps, "batch": batch, "lr": lr, "seed": seed, "world": world}
-    if warmup_steps:  # only when used, so checkpoints of runs without warm-up still resume
-        schedule["warmup_steps"] = warmup_steps
+    used = {"warmup_steps": warmup_steps, "scales": list(scales)}
+    schedule.update({k: v for k, v in used.items() if v})  # only when used: older checkpoints still resume
     loop, best = _start_or_resume(ckpt if resume else None, model, opt, schedule, progress)
     history: list[dict[str, Any]] = loop["history"]
     step = _Stepper(
         net, opt, loss_fn, dev, prec, lr, total_steps, warmup_steps, teacher, distill, temperature
     )
+    step.rescale = MultiScale(scales, int(getattr(model, "stride", 32)), seed) if scales else None
 
     for epoch in range(loop["epoch"], epochs):
         if loop["step"] >= total_steps:
             break
-        loader = _epoch_loader(train_ds, epoch, batch, seed, workers, world)
+        loader = epoch_loader(train_ds, epoch, batch, seed, workers, world)
         net.train()
         t0 = time.perf_counter()
         n_this_epoch = min(len(loader), total_steps - loop["step"])
@@ -219,7 +227,11 @@ def fit(
     return history
 
 
-def _check_fit_options(warmup: float, distill: float, temperature: float, teacher: nn.Module | None) -> None:
+def _check_fit_options(
+    warmup: float, distill: float, temperature: float, teacher: nn.Module | None, scales: tuple[float, ...]
+) -> None:
+    for v in scales:
+        check_number("scales", v, low=0.25, high=4)
     check_number("distill", distill, low=0, high=100)
     check_number("temperature", temperature, low=0, low_open=True, high=100)
     if not 0.0 <= warmup < 1.0:
@@ -296,20 +308,6 @@ def _start_or_resume(
     return loop, best
 
 
-def _epoch_loader(
-    train_ds: Dataset, epoch: int, batch: int, seed: int, workers: int, world: int
-) -> DataLoader:
-    """Epoch `epoch`'s batches: the shuffle (and augmentation) depend on (seed, epoch) only."""
-    if hasattr(train_ds, "set_epoch"):
-        train_ds.set_epoch(epoch)
-    if world > 1:
-        sampler = DistributedSampler(train_ds, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-        return DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False)
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return DataLoader(train_ds, batch_size=batch, shuffle=True, generator=gen, num_workers=workers)
-
-
 class _Stepper:
     """One optimizer step per call; a non-finite loss skips the update (counted, and fatal after
     MAX_BAD_STEPS in a row, across epochs)."""
@@ -333,6 +331,7 @@ class _Stepper:
         self.teacher, self.distill, self.temperature = teacher, distill, temperature
         self.world = dist_utils.world_size()
         self.bad_in_a_row = 0
+        self.rescale: MultiScale | None = None
         self.epoch_start()
 
     def epoch_start(self) -> None:
@@ -341,6 +340,8 @@ class _Stepper:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int, bar: Any) -> int:
         """Train on one batch at global step `step`; returns the next step."""
         x, y = x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)
+        if self.rescale is not None:
+            x, y = self.rescale(x, y, step)
         if self.dev.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         self.lr_now = learning_rate(step, self.total_steps, self.lr, self.warmup_steps)

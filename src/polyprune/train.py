@@ -165,6 +165,7 @@ class TrainConfig:
     upsample: str | None = None  # None: the family's own default (unet: transpose, encoder UNets: bilinear)
     pretrained: bool = True  # ImageNet encoder weights, for the encoder UNets (unet has none)
     warmup: float = 0.0  # share of all steps with a linear learning-rate warm-up before the cosine
+    scales: list[float] = field(default_factory=list)  # multi-scale training, e.g. [0.75, 1, 1.25]
     init: str | None = None  # a trained model file to start from (fine-tuning) instead of a fresh model
     teacher: str | None = None  # a model file to distill from (a from-scratch student gets the same help)
     distill: float = 0.0
@@ -195,6 +196,8 @@ class TrainConfig:
         check_int("epochs", self.epochs, low=1)
         check_int("width", self.width, low=1, high=512)
         check_number("warmup", self.warmup, low=0, high=1, high_open=True)
+        for v in self.scales:
+            check_number("scales", v, low=0.25, high=4)
         check_number("val_fraction", self.val_fraction, low=0, high=1, high_open=True)
         check_choice("loss", self.loss, tuple(LOSSES))
         check_number("distill", self.distill, low=0, high=100)
@@ -289,6 +292,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         warmup=cfg.warmup,
+        scales=tuple(cfg.scales),
         loss=cfg.loss,
         device=dev,
         precision=cfg.precision,
