@@ -140,7 +140,6 @@ class Grid:
         return dict(self.method_targets).get(method, self.targets)
 
 
-
 GRIDS: dict[str, Grid] = {
     # ~6.4 CPU hours on this 2-core machine with the zoo MobileNetV2-UNet parent (352 px): 28 pruning cells of
     # 1000 fine-tuning steps (~11 min each at 1 thread), 2 scratch cells of parent + 1000 steps (~40 min),

@@ -182,6 +182,29 @@ def _rank(rows: list[dict[str, Any]], key: str) -> list[tuple[str, float]]:
     return sorted(((m, v) for m, v in scored if v is not None), key=lambda t: -t[1])
 
 
+def equal_latency_findings(rows: list[dict[str, Any]], size: int) -> list[str]:
+    """The uniform model against the best pruned model at least as fast (measured FPS at `size`), on Kvasir:
+    a comparison at equal latency, whatever MACs each needs to get there."""
+    fps, dice = f"fps_{size}", "kvasir_dice"
+    ok = [r for r in rows if r["status"] == "ok" and r["mean"].get(fps) and r["mean"].get(dice) is not None]
+    out = []
+    for s in (r for r in ok if r["method"] == "scratch"):
+        faster = [r for r in ok if r["method"] != "scratch" and r["mean"][fps] >= s["mean"][fps]]
+        if not faster:
+            out.append(
+                f"At equal latency: no pruned model is as fast as the uniform model at {s['target']:.0%} MACs."
+            )
+            continue
+        best = max(faster, key=lambda r: r["mean"][dice])
+        verdict = "beats" if best["mean"][dice] > s["mean"][dice] else "does not beat"
+        out.append(
+            f"At equal latency: the best pruned model at least as fast as the uniform model at {s['target']:.0%} MACs "
+            f"({s['mean'][fps]:.1f} FPS, Kvasir Dice {s['mean'][dice]:.3f}) is {best['method']} at {best['target']:.0%} "
+            f"MACs ({best['mean'][fps]:.1f} FPS, {best['mean'][dice]:.3f}): it {verdict} it."
+        )
+    return out
+
+
 def findings(
     rows: list[dict[str, Any]], parent_row: dict[str, Any] | None, curves: dict[str, Any], grid: Grid
 ) -> list[str]:
@@ -268,6 +291,7 @@ def findings(
                     else "no pruning method beats it."
                 )
             )
+    out += equal_latency_findings(rows, size)
     # 4. best pruned model within 1 Dice point of the parent
     if parent_row and parent_row["status"] == "ok":
         p = parent_row["mean"]["kvasir_dice"]

@@ -161,3 +161,25 @@ def test_pareto_front_keeps_the_points_nothing_beats_on_both_speed_and_dice():
     pts = [(10.0, 0.90), (20.0, 0.88), (15.0, 0.85), (30.0, 0.80), (30.0, 0.70), (5.0, 0.89)]
     assert report.pareto_front(pts) == [(10.0, 0.90), (20.0, 0.88), (30.0, 0.80)]
     assert report.pareto_front([(1.0, 0.5)]) == [(1.0, 0.5)]
+
+
+def test_equal_latency_compares_the_uniform_model_with_the_best_pruned_model_at_least_as_fast():
+    import report
+
+    def row(method, target, fps, dice):
+        return {
+            "method": method,
+            "target": target,
+            "status": "ok",
+            "mean": {"fps_352": fps, "kvasir_dice": dice},
+        }
+
+    rows = [row("scratch", 0.25, 100.0, 0.80), row("tgn-abs-loss", 0.5, 90.0, 0.88), row("tgn-abs-loss", 0.25, 120.0, 0.84),
+            row("l1", 0.25, 130.0, 0.10)]  # fmt: skip
+    (line,) = report.equal_latency_findings(rows, 352)
+    assert "tgn-abs-loss at 25%" in line and "(120.0 FPS, 0.840): it beats it" in line  # 0.88 is too slow
+    rows[2]["mean"]["kvasir_dice"] = 0.70
+    assert (
+        "l1 at 25%" not in report.equal_latency_findings(rows, 352)[0]
+        or "does not beat" in report.equal_latency_findings(rows, 352)[0]
+    )
