@@ -43,8 +43,15 @@ zoo-int8: $(STAMP)
 		$(BIN)/polyprune export --model $$m --out runs/zoo/$$(basename $$m .safetensors)-int8.onnx --int8 $(CALIB) || exit 1; \
 	done
 
+# BENCH_JOBS=N: N one-thread runs share the work dir (one per core; they claim cells), one of them computes the
+# one-shot curves, and the report is rewritten from every finished cell at the end
+BENCH_JOBS ?= 1
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	@if [ "$(BENCH_JOBS)" -gt 1 ]; then \
+		for i in $$(seq 2 $(BENCH_JOBS)); do $(BIN)/python benchmarks/run.py --threads 1 --quiet --no-oneshot & done; \
+		$(BIN)/python benchmarks/run.py --threads 1; wait; \
+		$(BIN)/python benchmarks/run.py --report-only; \
+	else $(BIN)/python benchmarks/run.py; fi
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick

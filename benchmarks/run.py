@@ -37,7 +37,7 @@ record, written atomically, last). A killed run resumes: finished cells are skip
 resumes after its last completed step (`--resume`), scratch training from its last epoch, a cell with
 a model but no record is only measured. Folder names carry a hash of the cell's
 config, so changed budgets never reuse stale cells. Several runs may share one work dir (e.g. one per
-core with --threads 1): each claims a cell before running it (a `.claim` file holding its pid) and
+core with --threads 1; `make bench BENCH_JOBS=2` starts them): each claims a cell before running it (a `.claim` file holding its pid) and
 skips cells claimed by a live process; the last one to finish does the final latency pass.
 
 Outputs (benchmarks/results/ by default; --results DIR): results.json (grid, parent, every cell,
