@@ -154,6 +154,29 @@ def table(rows: list[dict[str, Any]], parent_row: dict[str, Any] | None, grid: G
     return "\n".join(lines)
 
 
+def drops_table(rows: list[dict[str, Any]], parent_row: dict[str, Any] | None) -> str:
+    """Test Dice@0.5 points lost against the parent, per (method, target) and test set: mean over seeds
+    (± sd), and ColonDB's drop over Kvasir's (how much worse the unseen set fares)."""
+    if not parent_row or parent_row["status"] != "ok":
+        return "_(no parent record)_"
+    head = ["method", "target MACs", "seeds", *(f"{label} drop" for _, label in TESTS), "ColonDB / Kvasir"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for row in (r for r in rows if r["status"] == "ok"):
+        cells = [row["method"], f"{row['target']:.0%}", str(len(row["seeds"]))]
+        drops = {}
+        for key, _ in TESTS:
+            m, p = row["mean"].get(f"{key}_dice"), parent_row["mean"].get(f"{key}_dice")
+            sd = row["sd"].get(f"{key}_dice")
+            drops[key] = None if m is None or p is None else 100 * (p - m)
+            cells.append(
+                "–" if drops[key] is None else f"{drops[key]:.1f}" + (f" ± {100 * sd:.1f}" if sd else "")
+            )
+        k, c = drops.get("kvasir"), drops.get("colondb")
+        cells.append(f"{c / k:.1f}x" if k and c is not None and k > 0.05 else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def oneshot_table(curves: dict[str, Any]) -> str:
     if not curves:
         return "_(no one-shot curves)_"
@@ -676,6 +699,10 @@ def markdown(
         "## Results",
         "",
         table(rows, parent_row, grid, size),
+        "",
+        "Dice@0.5 points lost against the parent (a negative drop is a gain):",
+        "",
+        drops_table(rows, parent_row),
         "",
         "## Findings",
         "",

@@ -181,3 +181,16 @@ def test_equal_latency_compares_the_uniform_model_with_the_best_pruned_model_at_
     rows[2]["mean"]["kvasir_dice"] = 0.70
     (line,) = report.equal_latency_findings(rows, 352)
     assert "tgn-abs-loss at 25%" in line and "it does not beat it" in line
+
+
+def test_drops_table_gives_points_lost_per_test_set_and_the_unseen_sets_ratio():
+    import report
+
+    def row(method, k, c, d):
+        return {"method": method, "target": 0.5, "status": "ok", "seeds": [0, 1],
+                "mean": {"kvasir_dice": k, "clinicdb_dice": c, "colondb_dice": d}, "sd": {"kvasir_dice": 0.005}}  # fmt: skip
+
+    parent = row("parent", 0.89, 0.86, 0.75)
+    md = report.drops_table([row("tgn-abs-loss", 0.87, 0.85, 0.71)], parent)
+    line = md.splitlines()[-1]
+    assert line == "| tgn-abs-loss | 50% | 2 | 2.0 ± 0.5 | 1.0 | 4.0 | 2.0x |"
