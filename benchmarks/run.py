@@ -684,8 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         if args.final_latency:  # time every finished model again in one pass; run nothing else
             final_latency_pass(b, cells, force=True)
-        found = sorted((work / "cells").glob(f"parent_{b.parent_id}_*/done.json"))
-        parent_rec = read_json(found[-1]) if found else None
+        own = parent_record_dir(b) / "done.json"  # this grid's (other grids time the parent otherwise)
+        parent_rec = read_json(own) if own.is_file() else None
         curves = run_oneshot(b, compute=False)
     else:
         parent_rec = run_parent_record(b)
