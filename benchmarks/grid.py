@@ -290,17 +290,6 @@ def read_done(work: Path, cells: list[Cell]) -> list[dict[str, Any]]:
     return out
 
 
-def macs_schedule(target: float, steps: int) -> list[float]:
-    """Fractions of the parent's MACs after each prune round: geometric, ending exactly at `target`."""
-    return [target ** ((k + 1) / steps) for k in range(steps)]
-
-
-def split_iters(total: int, steps: int) -> list[int]:
-    """`total` fine-tuning steps over `steps` rounds, as even as possible (earlier rounds get the rest)."""
-    base, rest = divmod(total, steps)
-    return [base + (1 if k < rest else 0) for k in range(steps)]
-
-
 # ---------------------------------------------------------------------------------- time estimate
 
 

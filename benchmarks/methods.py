@@ -51,19 +51,18 @@ def prunable_filters(model: nn.Module) -> int:
 
 def prune_oneshot(
     model: nn.Module,
-    criterion: str,
+    method: Method,
     ratio: float,
     calibration: Iterable[Any],
     loss_fn: LossFn,
     n_images: int,
-    method: Method,
 ) -> None:
     """One prune_model call in place removing `ratio` of the prunable filters, no fine-tuning."""
     prune_model(
         model,
         example_input(model),
-        calibration if criterion in DATA_CRITERIA else None,
-        criterion,
+        calibration if method.criterion in DATA_CRITERIA else None,
+        method.criterion,
         {"ratio": ratio},
         reduce=method.reduce,
         signal=method.signal,

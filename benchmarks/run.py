@@ -571,7 +571,7 @@ def run_oneshot(b: Bench, compute: bool = True) -> dict[str, Any]:
         for r in g.oneshot_ratios:
             model = M.fresh_copy(b.parent)
             if r > 0:
-                M.prune_oneshot(model, method.criterion, r, b.calibration(0), b.loss_fn, g.n_images, method)
+                M.prune_oneshot(model, method, r, b.calibration(0), b.loss_fn, g.n_images)
             elif d0 is not None:
                 points.append({**d0})
                 continue

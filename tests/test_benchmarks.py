@@ -48,12 +48,6 @@ def test_pending_skips_cells_with_done_json_only(tmp_path):
     assert [r["method"] for r in G.read_done(tmp_path, cells)] == [cells[0].method]
 
 
-def test_schedules():
-    fr = G.macs_schedule(0.25, 2)
-    assert fr[-1] == pytest.approx(0.25) and fr[0] == pytest.approx(0.5)
-    assert G.split_iters(10, 3) == [4, 3, 3] and sum(G.split_iters(300, 3)) == 300
-
-
 def test_make_grid_overrides_and_rejects_unknown_methods():
     g = G.make_grid("quick", seeds=[0, 1], methods=["l1", "scratch"])
     assert g.seeds == (0, 1) and g.methods == ("l1", "scratch") and g.oneshot_methods == ("l1",)

@@ -247,3 +247,17 @@ def test_validation_is_the_parents_own_split_whatever_the_run_seed(synth_dir, tm
     assert session._image_paths(run.val_ds) == session._image_paths(parent_val)
     assert session._image_paths(seed0_val) != session._image_paths(parent_val)  # the seed does move the split
     assert run.split_seed == 3
+
+
+def test_steps_aim_each_step_at_a_geometric_share_of_the_parent():
+    """--steps 2 --target-macs 0.25: step 1 keeps 0.5 of the parent's MACs, step 2 the target; each as a
+    fraction of the CURRENT model, which is what prune_model reads."""
+    from polyprune.pruning.trajectory import step_target
+
+    cfg = PruneConfig(model="m", data=["d"], out="o", target_macs=0.25, steps=2)
+    traj = {"parent": {"macs": 100.0, "params": 10.0}}
+    assert step_target(cfg, traj, {"step": 0, "macs": 100.0}) == {"macs": pytest.approx(0.5)}
+    assert step_target(cfg, traj, {"step": 1, "macs": 50.0}) == {"macs": pytest.approx(0.5)}
+    assert step_target(cfg, traj, {"step": 1, "macs": 40.0}) == {
+        "macs": pytest.approx(0.625)
+    }  # overshoot kept

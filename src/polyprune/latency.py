@@ -48,6 +48,21 @@ def time_callable(fn: Callable[[], object], *, runs: int = 20, warmup: int = 3) 
     return Latency(median_ms=statistics.median(times), p90_ms=p90, min_ms=times[0], runs=runs)
 
 
+def time_interleaved(calls: list[Callable[[], object]], *, runs: int, warmup: int) -> list[float]:
+    """Median ms of each call, timing them in turn within every run: load that comes and goes shifts them
+    alike, not their differences (what a comparison of the calls needs)."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(runs):
+        for call, ts in zip(calls, times, strict=True):
+            t0 = time.perf_counter()
+            call()
+            ts.append((time.perf_counter() - t0) * 1000.0)
+    return [statistics.median(ts) for ts in times]
+
+
 def torch_latency(
     model: nn.Module, size: int, *, runs: int = 20, warmup: int = 3, threads: int | None = None
 ) -> Latency:

@@ -10,6 +10,7 @@ from polyprune.checks import check_number, check_size, check_threads
 from polyprune.errors import ConfigError
 from polyprune.pruning.engine import SCOPES
 from polyprune.pruning.importance import PRUNER_CRITERIA, REDUCES, SIGNALS, check_criterion
+from polyprune.pruning.metapruner import check_metapruner_options
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 
@@ -93,15 +94,8 @@ def check_config(cfg: PruneConfig) -> None:
     if cfg.max_dice_drop is not None and not 0 <= cfg.max_dice_drop < 1:
         raise ConfigError(f"--max-dice-drop must be in [0, 1), got {cfg.max_dice_drop}")
     check_criterion(cfg.criterion)
-    if cfg.criterion in PRUNER_CRITERIA and (cfg.scope, cfg.group_reduce, cfg.cost) != (
-        "global",
-        "sum",
-        "none",
-    ):
-        raise ConfigError(
-            f"--criterion {cfg.criterion} is torch-pruning's MetaPruner, which ranks globally by its own group "
-            "scores: --scope, --group-reduce and --cost apply to polyprune's criteria only"
-        )
+    if cfg.criterion in PRUNER_CRITERIA:
+        check_metapruner_options(cfg.criterion, cfg.scope, cfg.group_reduce, cfg.cost)
     if cfg.reduce not in REDUCES:
         raise ConfigError(f"--reduce must be one of {', '.join(REDUCES)}, got {cfg.reduce!r}")
     if cfg.signal not in SIGNALS:

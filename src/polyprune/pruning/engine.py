@@ -44,7 +44,7 @@ from polyprune.pruning.importance import (
     compute_importance,
     find_layers,
 )
-from polyprune.pruning.metapruner import prune_with_metapruner
+from polyprune.pruning.metapruner import check_metapruner_options, prune_with_metapruner
 from polyprune.pruning.result import PruneResult
 from polyprune.structure import build_graph, layer_widths
 
@@ -267,9 +267,10 @@ def prune_model(
     targets = _parse_target(target)
     _check_options(criterion, scope, group_reduce, min_channels, round_to, cost)
     if criterion in PRUNER_CRITERIA:
+        check_metapruner_options(criterion, scope, group_reduce, cost)
         return prune_with_metapruner(
             model, example_input, calibration_loader, criterion, targets, loss_fn=loss_fn, n_images=n_images,
-            ignored_layers=ignored_layers, round_to=round_to, scope=scope, group_reduce=group_reduce, cost=cost,
+            ignored_layers=ignored_layers, round_to=round_to,
         )  # fmt: skip
     if criterion in DATA_CRITERIA and calibration_loader is None:
         raise ConfigError(f"criterion {criterion!r} needs calibration images (calibration_loader)")

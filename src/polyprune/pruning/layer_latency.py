@@ -18,8 +18,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from polyprune.errors import ConfigError
 from polyprune.files import write_json
+from polyprune.latency import time_interleaved
 
 BACKENDS = ("torch", "onnxruntime")
 SHRINK = 0.25  # share of the channels removed for the probe
@@ -80,7 +79,7 @@ class LayerLatency:
         todo = [(key, w) for key, w in zip(keys, widths, strict=True) if key not in self.table]
         if todo:
             calls = [self._callable(m, in_hw, cin, cout) for _, (cin, cout) in todo]
-            times = _time_interleaved(calls, runs=self.runs, warmup=2)
+            times = time_interleaved(calls, runs=self.runs, warmup=2)
             self.table.update({key: t for (key, _), t in zip(todo, times, strict=True)})
         return [self.table[key] for key in keys]
 
@@ -113,20 +112,6 @@ def _groups(m: _ConvNd, cin: int, cout: int) -> int:
     depthwise = m.groups > 1 and m.groups == m.in_channels
     groups = cin if depthwise else m.groups
     return 1 if cin % groups or cout % groups else groups
-
-
-def _time_interleaved(calls: list[Callable[[], object]], *, runs: int, warmup: int) -> list[float]:
-    """Median ms of each call, timing them in turn within every run."""
-    for _ in range(warmup):
-        for call in calls:
-            call()
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(runs):
-        for call, ts in zip(calls, times, strict=True):
-            t0 = time.perf_counter()
-            call()
-            ts.append((time.perf_counter() - t0) * 1000.0)
-    return [statistics.median(ts) for ts in times]
 
 
 def _conv_like(m: _ConvNd, cin: int, cout: int, groups: int) -> nn.Module:

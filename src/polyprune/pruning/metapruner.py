@@ -35,7 +35,16 @@ from polyprune.pruning.result import PruneResult
 from polyprune.structure import layer_widths
 
 
-def _run_metapruner(
+def check_metapruner_options(criterion: str, scope: str, group_reduce: str, cost: str) -> None:
+    """MetaPruner ranks globally by its own group scores: polyprune's ranking options do not apply."""
+    if (scope, group_reduce, cost) != ("global", "sum", "none"):
+        raise ConfigError(
+            f"--criterion {criterion} is torch-pruning's MetaPruner, which ranks globally by its own group "
+            "scores: --scope, --group-reduce and --cost apply to polyprune's criteria only"
+        )
+
+
+def prune_with_metapruner(
     model: nn.Module,
     example_input: torch.Tensor,
     calibration_loader: Iterable[Any] | None,
@@ -44,48 +53,37 @@ def _run_metapruner(
     *,
     loss_fn: LossFn | None,
     n_images: int,
+    ignored_layers: Iterable[nn.Module | str] | None,
     round_to: int,
-    ignored_layers: list[nn.Module],
     iterative_steps: int = 200,
-) -> int:
-    """Prune `model` in place with MetaPruner steps until a target is met; returns the steps taken.
-
-    TargetError (the model may then be partly pruned: callers prune a copy first or stop) when all
-    `iterative_steps` steps leave the targets unmet."""
+) -> PruneResult:
+    """prune_model for criteria tp-taylor / tp-magnitude (in place): MetaPruner steps until one of polyprune's
+    targets is met. TargetError when all `iterative_steps` leave them unmet (the model is then partly
+    pruned: callers prune a copy or stop)."""
+    example_input = example_input.to(next(model.parameters()).device)
+    ignored = output_layers(model, criterion) + [
+        model.get_submodule(m) if isinstance(m, str) else m for m in (ignored_layers or [])
+    ]
     if criterion == "tp-taylor":
         if calibration_loader is None or loss_fn is None:
             raise ConfigError("criterion tp-taylor needs calibration images and a loss")
         _loss_gradients(model, calibration_loader, loss_fn, n_images)
-    h, w = example_input.shape[2:]
-    params0, macs0, filters0 = count_params(model), count_macs(model, (h, w)), _filters(model, ignored_layers)
+    c, h, w = example_input.shape[1:]
+    widths_before, params0 = layer_widths(model), count_params(model)
+    macs0, filters0 = count_macs(model, (h, w), in_channels=c), _filters(model, ignored)
 
     def met() -> bool:
-        if "ratio" in targets and filters0 - _filters(model, ignored_layers) >= math.ceil(
+        if "ratio" in targets and filters0 - _filters(model, ignored) >= math.ceil(
             targets["ratio"] * filters0 - 1e-9
         ):
             return True
         if "params" in targets and count_params(model) <= targets["params"] * params0:
             return True
-        return "macs" in targets and count_macs(model, (h, w)) <= targets["macs"] * macs0
+        return "macs" in targets and count_macs(model, (h, w), in_channels=c) <= targets["macs"] * macs0
 
-    importance = (
-        tp.importance.GroupTaylorImportance()
-        if criterion == "tp-taylor"
-        else tp.importance.MagnitudeImportance(p=2)
-    )
-    was_training = model.training
-    steps = 0
+    was_training, steps = model.training, 0
     try:
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example_input,
-            importance=importance,
-            global_pruning=True,
-            pruning_ratio=1.0,
-            iterative_steps=iterative_steps,
-            round_to=round_to,
-            ignored_layers=ignored_layers,
-        )
+        pruner = _metapruner(model, example_input, criterion, round_to, ignored, iterative_steps)
         while not met() and pruner.current_step < pruner.iterative_steps:
             pruner.step()
             steps += 1
@@ -94,7 +92,45 @@ def _run_metapruner(
         model.train(was_training)  # torch-pruning traces in eval mode
     if not met():
         raise TargetError(f"torch-pruning's MetaPruner left target {targets} unmet after {steps} steps")
-    return steps
+    widths_after = layer_widths(model)
+    return PruneResult(
+        model=model,
+        history=[],  # the registry's model files record widths; MetaPruner keeps no index history
+        removed={k: widths_before[k] - v for k, v in widths_after.items() if widths_before[k] > v},
+        widths_before=widths_before,
+        widths_after=widths_after,
+        params_before=params0,
+        params_after=count_params(model),
+        macs_before=macs0,
+        macs_after=count_macs(model, (h, w), in_channels=c),
+        criterion=criterion,
+        options={"round_to": round_to, "n_images": n_images, "target": targets, "metapruner_steps": steps},
+    )
+
+
+def _metapruner(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    criterion: str,
+    round_to: int,
+    ignored: list[nn.Module],
+    iterative_steps: int,
+) -> Any:
+    importance = (
+        tp.importance.GroupTaylorImportance()
+        if criterion == "tp-taylor"
+        else tp.importance.MagnitudeImportance(p=2)
+    )
+    return tp.pruner.MetaPruner(
+        model,
+        example_input,
+        importance=importance,
+        global_pruning=True,
+        pruning_ratio=1.0,
+        iterative_steps=iterative_steps,
+        round_to=round_to,
+        ignored_layers=ignored,
+    )
 
 
 def output_layers(model: nn.Module, criterion: str) -> list[nn.Module]:
@@ -128,53 +164,3 @@ def _loss_gradients(model: nn.Module, calibration: Iterable[Any], loss_fn: LossF
             if seen >= n_images:
                 break
     model.train(was_training)
-
-
-def prune_with_metapruner(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    calibration_loader: Iterable[Any] | None,
-    criterion: str,
-    targets: dict[str, float],
-    *,
-    loss_fn: LossFn | None,
-    n_images: int,
-    ignored_layers: Iterable[nn.Module | str] | None,
-    round_to: int,
-    scope: str,
-    group_reduce: str,
-    cost: str,
-) -> PruneResult:
-    """prune_model for criteria tp-taylor / tp-magnitude: polyprune's targets and PruneResult, MetaPruner's
-    choice of channels (in place)."""
-    if scope != "global" or group_reduce != "sum" or cost != "none":
-        raise ConfigError(
-            f"criterion {criterion} is torch-pruning's MetaPruner, which ranks globally by its own group "
-            "scores: scope, group_reduce and cost apply to polyprune's criteria only"
-        )
-    example_input = example_input.to(next(model.parameters()).device)
-    ignored = output_layers(model, criterion) + [
-        model.get_submodule(m) if isinstance(m, str) else m for m in (ignored_layers or [])
-    ]
-    widths_before = layer_widths(model)
-    c, h, w = example_input.shape[1:]
-    params0, macs0 = count_params(model), count_macs(model, (h, w), in_channels=c)
-    steps = _run_metapruner(
-        model, example_input, calibration_loader, criterion, targets, loss_fn=loss_fn, n_images=n_images,
-        round_to=round_to, ignored_layers=ignored,
-    )  # fmt: skip
-    widths_after = layer_widths(model)
-    removed = {k: widths_before[k] - v for k, v in widths_after.items() if widths_before[k] > v}
-    return PruneResult(
-        model=model,
-        history=[],  # the registry's model files record widths; MetaPruner keeps no index history
-        removed=removed,
-        widths_before=widths_before,
-        widths_after=widths_after,
-        params_before=params0,
-        params_after=count_params(model),
-        macs_before=macs0,
-        macs_after=count_macs(model, (h, w), in_channels=c),
-        criterion=criterion,
-        options={"round_to": round_to, "n_images": n_images, "target": targets, "metapruner_steps": steps},
-    )
