@@ -30,6 +30,14 @@ class Method:
     label: str = ""
     distill: float = 0.0  # `--distill W`: fine-tune against the unpruned parent's probabilities
     cost: str = "none"  # `--cost`: rank importance per MAC / param / ms saved
+    round_to: int | None = None  # `--round-to`; None: the library's default for the criterion (8)
+
+    def record(self) -> dict[str, Any]:
+        """What names the method in a cell's hash (round_to only when set: older cells keep their names)."""
+        d = asdict(self)
+        if d["round_to"] is None:
+            del d["round_to"]
+        return d
 
 
 METHODS: dict[str, Method] = {
@@ -87,12 +95,14 @@ METHODS: dict[str, Method] = {
             "torch-pruning",
             "tp-taylor",
             label="torch-pruning MetaPruner + GroupTaylorImportance",
+            round_to=1,  # torch-pruning's default; its round-down with 8 halves 16-wide layers per step
         ),
         Method(
             "tp-magnitude",
             "torch-pruning",
             "tp-magnitude",
             label="torch-pruning MetaPruner + MagnitudeImportance (L2)",
+            round_to=1,  # torch-pruning's default; its round-down with 8 halves 16-wide layers per step
         ),
         Method("scratch", "scratch", label="uniform-width UNet trained from scratch at the same MACs"),
     )
@@ -252,7 +262,7 @@ def cell_config(grid: Grid, method: str, target: float, seed: int, parent_id: st
     for k in ("name", "methods", "targets", "seeds", "oneshot_methods", "oneshot_ratios"):
         cfg.pop(k)
     cfg.pop("parent")  # the parent is identified by parent_id (hash of its file)
-    return {"method": asdict(METHODS[method]), "target": target, "seed": seed, "parent": parent_id, **cfg}
+    return {"method": METHODS[method].record(), "target": target, "seed": seed, "parent": parent_id, **cfg}
 
 
 def make_cells(grid: Grid, parent_id: str) -> list[Cell]:

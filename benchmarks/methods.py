@@ -69,7 +69,7 @@ def prune_oneshot(
         loss_fn=loss_fn,
         n_images=n_images,
         min_channels=MIN_CHANNELS,
-        round_to=ROUND_TO,
+        round_to=ROUND_TO if method.round_to is None else method.round_to,
         cost=method.cost,
         seed=0,
     )

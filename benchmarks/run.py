@@ -392,7 +392,7 @@ def prune_config(b: Bench, cell: G.Cell, out: Path) -> PruneConfig:
         target_macs=cell.target,
         steps=g.prune_steps,
         finetune_iters=g.finetune_iters // g.prune_steps,
-        round_to=M.ROUND_TO,
+        round_to=M.ROUND_TO if method.round_to is None else method.round_to,
         min_channels=M.MIN_CHANNELS,
         cost=method.cost,
         distill=method.distill,
@@ -553,7 +553,7 @@ def run_oneshot(b: Bench, compute: bool = True) -> dict[str, Any]:
         key = G.short_hash(
             {
                 "parent": b.parent_id,
-                "method": asdict(method),
+                "method": method.record(),
                 "ratios": g.oneshot_ratios,
                 "n": g.n_images,
                 "batch": g.batch,

@@ -36,6 +36,14 @@ def test_cell_key_changes_with_budget_and_parent_not_with_unrelated_grid_fields(
     assert G.make_cells(replace(g, oneshot_ratios=(0.0, 0.5)), "p1")[0].key == base.key
 
 
+def test_cell_key_keeps_older_cells_unless_a_method_sets_round_to():
+    """Method.round_to joins the hash only when set: cells done before the field keep their folders."""
+    g = G.GRIDS["full"]
+    plain = G.cell_config(g, "tgn-abs-loss", 0.5, 0, "p")
+    assert "round_to" not in plain["method"]
+    assert G.cell_config(g, "tp-taylor", 0.5, 0, "p")["method"]["round_to"] == 1
+
+
 def test_pending_skips_cells_with_done_json_only(tmp_path):
     cells = G.make_cells(G.GRIDS["smoke"], "p")
     assert G.pending(tmp_path, cells) == cells

@@ -103,3 +103,17 @@ def test_steps_reach_a_macs_target_geometrically_through_the_schedule(synth_dir,
 def test_steps_options_are_checked_before_anything_runs(kw, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         prune_run(_cfg(tmp_path / "missing.safetensors", tmp_path, tmp_path / "run", **kw))
+
+
+def test_tp_criteria_default_to_torch_prunings_round_to_not_polyprunes_8():
+    """MetaPruner rounds kept widths down: with round_to=8 one channel under the threshold halves a
+    16-wide layer, so a 2 % target removes far more than 2 %; its own default (1) stays near the target."""
+    assert PruneConfig(model="m", data=[], out="o", criterion="tp-taylor").round_to == 1
+    assert PruneConfig(model="m", data=[], out="o", criterion="taylor-gradnorm").round_to == 8
+    assert PruneConfig(model="m", data=[], out="o", criterion="tp-taylor", round_to=4).round_to == 4
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    lost = {}  # the largest fraction of one layer's filters removed, for a 2 % target
+    for round_to in (None, 8):
+        r = prune_model(_unet(), x, None, "tp-magnitude", {"ratio": 0.02}, round_to=round_to)
+        lost[round_to] = max(1 - r.widths_after[k] / w for k, w in r.widths_before.items())
+    assert lost[8] >= 0.5 > 0.25 >= lost[None]

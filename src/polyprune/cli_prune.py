@@ -92,7 +92,13 @@ def prune(
     scope: Annotated[
         str, typer.Option(help="global (one ranking) | uniform (same share per layer)")
     ] = "global",
-    round_to: Annotated[int, typer.Option(help="Widths stay multiples of this (1: off).")] = 8,
+    round_to: Annotated[
+        int | None,
+        typer.Option(
+            help="Widths stay multiples of this (1: off). Default 8; 1 with tp-* (MetaPruner rounds widths "
+            "down, so 8 takes a 16-wide layer to 8 in one step)."
+        ),
+    ] = None,
     min_channels: Annotated[int, typer.Option(help="Fewest channels any layer keeps.")] = 4,
     group_reduce: Annotated[str, typer.Option(help="Score of coupled layers: sum | mean | max")] = "sum",
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps.")] = 100,

@@ -8,7 +8,7 @@ from typing import Any
 
 from polyprune.checks import check_number, check_size, check_threads
 from polyprune.errors import ConfigError
-from polyprune.pruning.engine import SCOPES
+from polyprune.pruning.engine import SCOPES, default_round_to
 from polyprune.pruning.importance import PRUNER_CRITERIA, REDUCES, SIGNALS, check_criterion
 from polyprune.pruning.metapruner import check_metapruner_options
 
@@ -40,7 +40,7 @@ class PruneConfig:
     finetune_budget: float | None = None  # final fine-tune = this fraction of the parent's training steps
     one_shot: bool = False
     scope: str = "global"
-    round_to: int = 8
+    round_to: int | None = None  # None: 8, or 1 for the tp-* criteria (engine.default_round_to)
     min_channels: int = 4
     group_reduce: str = "sum"
     cost: str = "none"  # none | macs | params | latency: rank importance per MAC (param, ms) saved
@@ -63,6 +63,10 @@ class PruneConfig:
     resume: bool = False
     overwrite: bool = False  # clear a non-empty run folder instead of refusing it
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.round_to is None:  # resolved here, so the trajectory and a resume see the number
+            self.round_to = default_round_to(self.criterion)
 
 
 def check_config(cfg: PruneConfig) -> None:

@@ -44,7 +44,11 @@ from polyprune.pruning.importance import (
     compute_importance,
     find_layers,
 )
-from polyprune.pruning.metapruner import check_metapruner_options, prune_with_metapruner
+from polyprune.pruning.metapruner import (
+    METAPRUNER_ROUND_TO,
+    check_metapruner_options,
+    prune_with_metapruner,
+)
 from polyprune.pruning.result import PruneResult
 from polyprune.structure import build_graph, layer_widths
 
@@ -61,6 +65,11 @@ def _macs_at(model: nn.Module, example_input: torch.Tensor) -> int:
     """MACs at batch 1 and the example input's (C, H, W)."""
     c, h, w = example_input.shape[1:]
     return count_macs(model, (h, w), in_channels=c)
+
+
+def default_round_to(criterion: str) -> int:
+    """8 (SIMD-friendly widths) for polyprune's criteria; torch-pruning's own default for MetaPruner."""
+    return METAPRUNER_ROUND_TO if criterion in PRUNER_CRITERIA else 8
 
 
 def allowed_width(size: int, wish: float, min_channels: int, round_to: int) -> int:
@@ -240,7 +249,7 @@ def prune_model(
     n_images: int = 64,
     ignored_layers: Iterable[nn.Module | str] | None = None,
     min_channels: int = 4,
-    round_to: int = 8,
+    round_to: int | None = None,
     scope: str = "global",
     group_reduce: str = "sum",
     cost: str = "none",
@@ -252,7 +261,7 @@ def prune_model(
     `example_input` (any batch size; its shape sets the MACs) traces the graph. The data-driven
     criteria (taylor-gradnorm, taylor) read `n_images` from `calibration_loader`, which yields
     (image, mask) batches (image-only batches work with signal="random"). Raises TargetError when the
-    target cannot be met within min_channels / round_to; the model is then left unchanged.
+    target cannot be met within min_channels / round_to (default 8); the model is then left unchanged.
 
     `cost` "macs" / "params": a group's scores are divided by what removing one of its channels saves
     (`group_costs`), so the global ranking removes the least output change per MAC (or param) saved
@@ -261,10 +270,11 @@ def prune_model(
     paper's plain ranking.
 
     `criterion` "tp-taylor" / "tp-magnitude": torch-pruning's MetaPruner chooses and removes the channels
-    (metapruner.py; global ranking, `round_to`; `min_channels`, `scope`, `group_reduce` and `cost` are
+    (metapruner.py; global ranking, `round_to`, default 1 there; `min_channels`, `scope`, `group_reduce` and `cost` are
     polyprune's and do not apply). On a TargetError it may leave the model partly pruned.
     """
     targets = _parse_target(target)
+    round_to = default_round_to(criterion) if round_to is None else round_to
     _check_options(criterion, scope, group_reduce, min_channels, round_to, cost)
     if criterion in PRUNER_CRITERIA:
         check_metapruner_options(criterion, scope, group_reduce, cost)
