@@ -21,7 +21,8 @@ def test_cells_cover_the_grid_in_order_with_distinct_folders():
     g = G.GRIDS["full"]
     cells = G.make_cells(g, "abc")
     per_seed = sum(len(set(g.targets) & set(g.targets_of(m))) for m in g.methods)
-    assert len(cells) == per_seed * len(g.seeds)
+    assert len(cells) == per_seed * len(g.seeds) - len(g.cut_cells)
+    assert not {(c.method, c.target, c.seed) for c in cells} & set(g.cut_cells)
     assert {c.target for c in cells if c.method == "scratch"} == {0.25}  # a cell cut to fit the budget
     assert len({c.name for c in cells}) == len(cells)
     assert (cells[0].method, cells[0].target, cells[0].seed) == (g.methods[0], g.targets[0], g.seeds[0])
@@ -42,6 +43,13 @@ def test_cell_key_keeps_older_cells_unless_a_method_sets_round_to():
     plain = G.cell_config(g, "tgn-abs-loss", 0.5, 0, "p")
     assert "round_to" not in plain["method"]
     assert G.cell_config(g, "tp-taylor", 0.5, 0, "p")["method"]["round_to"] == 1
+
+
+def test_cut_cells_are_left_out_without_renaming_the_others():
+    g = G.GRIDS["quick"]
+    cut = replace(g, cut_cells=(("l1", 0.5, 0),))
+    kept = {(c.method, c.key) for c in G.make_cells(cut, "p")}
+    assert ("l1" not in {m for m, _ in kept}) and kept < {(c.method, c.key) for c in G.make_cells(g, "p")}
 
 
 def test_pending_skips_cells_with_done_json_only(tmp_path):
