@@ -668,12 +668,13 @@ def markdown(
         f"target), `--finetune-iters {grid.finetune_iters // grid.prune_steps}` after each step (AdamW lr {grid.finetune_lr:g}, "
         f"cosine, batch {grid.batch}, the parent's loss and {info.get('precision')} precision; each step keeps the better of "
         f"pruned / fine-tuned by val Dice). Data-driven scores use {grid.n_images} unaugmented training images, re-scored "
-        "every step. Global ranking, widths multiples of 8 (`round_to=8`), head never pruned.",
+        "every step. Global ranking, widths multiples of 8 (`round_to=8`, the nearest allowed width), head never pruned.",
         "- **torch-pruning** (criteria `tp-taylor`, `tp-magnitude`, polyprune/pruning/metapruner.py): "
-        "`MetaPruner(global_pruning=True, pruning_ratio=1.0, iterative_steps=200, round_to=8, "
+        "`MetaPruner(global_pruning=True, pruning_ratio=1.0, iterative_steps=200, round_to=1 (its default None), "
         "ignored_layers=[head])`, `step()` until the step's MACs target (its reproduce/main.py progressive "
         "pruning); GroupTaylorImportance reads the gradient of the training loss over the same calibration "
-        "images; MagnitudeImportance is L2.",
+        "images; MagnitudeImportance is L2. round_to is torch-pruning's default: it rounds kept widths down, "
+        "so with 8 one step halved the parent's 16-wide layers (cells run so: val Dice 0.000).",
         f"- **scratch**: every parent width times one factor (integer widths, MACs within ~1 % of the target), "
         f"trained from scratch for the parent's {info.get('train_steps')} steps + {grid.finetune_iters} (the same total "
         "training budget as parent + fine-tuning), the parent's lr and batch.",
