@@ -108,9 +108,6 @@ def test_steps_options_are_checked_before_anything_runs(kw, match, tmp_path):
 def test_tp_criteria_default_to_torch_prunings_round_to_not_polyprunes_8():
     """MetaPruner rounds kept widths down: with round_to=8 one channel under the threshold halves a
     16-wide layer, so a 2 % target removes far more than 2 %; its own default (1) stays near the target."""
-    assert PruneConfig(model="m", data=[], out="o", criterion="tp-taylor").round_to == 1
-    assert PruneConfig(model="m", data=[], out="o", criterion="taylor-gradnorm").round_to == 8
-    assert PruneConfig(model="m", data=[], out="o", criterion="tp-taylor", round_to=4).round_to == 4
     x = torch.zeros(1, 3, SIZE, SIZE)
     lost = {}  # the largest fraction of one layer's filters removed, for a 2 % target
     for round_to in (None, 8):

@@ -54,12 +54,13 @@ def prune(
     ] = 0.0,
     distill_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
     cost: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="none | macs | params | latency: divide importance by what a channel's removal saves "
-            "(latency: ms per conv, measured on --backend torch or onnxruntime at --size)."
+            "(latency: ms per conv, measured on --backend torch or onnxruntime at --size). Default: macs "
+            "for taylor-gradnorm (measured better), none for the other criteria."
         ),
-    ] = "none",
+    ] = None,
     ignore: Annotated[
         list[str] | None,
         typer.Option("--ignore", help="Layer never pruned, e.g. encoder.features.0 (repeatable)."),

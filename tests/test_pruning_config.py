@@ -1,0 +1,26 @@
+"""PruneConfig: the recipe's per-criterion defaults are resolved when the config is made, so the trajectory
+(and the resume check) records the values that ran."""
+
+from __future__ import annotations
+
+import pytest
+
+from polyprune.pruning.config import PruneConfig
+
+
+def _cfg(**kw) -> PruneConfig:
+    return PruneConfig(model="m.safetensors", data=[], out="run", **kw)
+
+
+@pytest.mark.parametrize(
+    ("criterion", "cost", "round_to"),
+    [("taylor-gradnorm", "macs", 8), ("taylor", "none", 8), ("l1", "none", 8), ("tp-taylor", "none", 1)],
+)
+def test_defaults_follow_the_criterion(criterion, cost, round_to):
+    cfg = _cfg(criterion=criterion)
+    assert (cfg.cost, cfg.round_to) == (cost, round_to)
+
+
+def test_explicit_values_are_kept():
+    cfg = _cfg(criterion="taylor-gradnorm", cost="none", round_to=4)
+    assert (cfg.cost, cfg.round_to) == ("none", 4)
