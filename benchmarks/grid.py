@@ -30,7 +30,7 @@ class Method:
     label: str = ""
     distill: float = 0.0  # `--distill W`: fine-tune against the unpruned parent's probabilities
     cost: str = "none"  # `--cost`: rank importance per MAC / param / ms saved
-    round_to: int | None = None  # `--round-to`; None: the library's default for the criterion (8)
+    round_to: int | None = None  # `--round-to`; None: the library's default (engine.default_round_to)
 
     def record(self) -> dict[str, Any]:
         """What names the method in a cell's hash (round_to only when set: older cells keep their names)."""

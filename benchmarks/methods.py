@@ -5,7 +5,7 @@ Every pruning method, torch-pruning's MetaPruner included (criteria tp-taylor / 
 polyprune/pruning/metapruner.py), runs through polyprune's own code: cells through
 `polyprune.pruning.prune_run` (run.prune_config), one-shot curves through `prune_model` with
 {"ratio": r}. Library defaults: global ranking over coupled groups, group score = sum, widths
-multiples of 8 (round_to=8), min_channels=4; the head is never pruned.
+multiples of 8 (round_to=8; MetaPruner: 1, its own default), min_channels=4; the head is never pruned.
 
 MACs ratios are computed on a small example input (4 x the stride): every conv's MACs scale with its
 output H x W, so the ratios are exact at any input size, and the search is ~9x cheaper than at 352 px.
@@ -27,7 +27,6 @@ from polyprune.pruning import layer_widths, prune_model
 from polyprune.pruning.importance import DATA_CRITERIA
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-ROUND_TO = 8
 MIN_CHANNELS = 4
 
 
@@ -69,7 +68,7 @@ def prune_oneshot(
         loss_fn=loss_fn,
         n_images=n_images,
         min_channels=MIN_CHANNELS,
-        round_to=ROUND_TO if method.round_to is None else method.round_to,
+        round_to=method.round_to,  # None: the library's default for the criterion
         cost=method.cost,
         seed=0,
     )

@@ -392,7 +392,7 @@ def prune_config(b: Bench, cell: G.Cell, out: Path) -> PruneConfig:
         target_macs=cell.target,
         steps=g.prune_steps,
         finetune_iters=g.finetune_iters // g.prune_steps,
-        round_to=M.ROUND_TO if method.round_to is None else method.round_to,
+        round_to=method.round_to,  # None: the library's default for the criterion
         min_channels=M.MIN_CHANNELS,
         cost=method.cost,
         distill=method.distill,
