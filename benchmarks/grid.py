@@ -31,13 +31,19 @@ class Method:
     distill: float = 0.0  # `--distill W`: fine-tune against the unpruned parent's probabilities
     cost: str = "none"  # `--cost`: rank importance per MAC / param / ms saved
     round_to: int | None = None  # `--round-to`; None: the library's default (engine.default_round_to)
+    title: str = ""  # what reports show when `label` (frozen in the cell hash) has gone stale
 
     def record(self) -> dict[str, Any]:
-        """What names the method in a cell's hash (round_to only when set: older cells keep their names)."""
+        """What names the method in a cell's hash (round_to only when set, title never: older cells keep their names)."""
         d = asdict(self)
+        del d["title"]
         if d["round_to"] is None:
             del d["round_to"]
         return d
+
+    @property
+    def description(self) -> str:
+        return self.title or self.label
 
 
 METHODS: dict[str, Method] = {
@@ -50,6 +56,8 @@ METHODS: dict[str, Method] = {
             "abs",
             "loss",
             "taylor-gradnorm |s|, loss (ours, default)",
+            # the label predates `--cost macs` becoming the default; it stays as written for the hash
+            title="taylor-gradnorm |s|, loss, the paper's plain ranking (ours, --cost none)",
         ),
         Method(
             "tgn-sq-loss", "polyprune", "taylor-gradnorm", "sq", "loss", "taylor-gradnorm s², loss (ours)"
@@ -89,6 +97,7 @@ METHODS: dict[str, Method] = {
             "taylor-gradnorm",
             label="taylor-gradnorm |s|, loss, ranked per MAC saved (--cost macs)",
             cost="macs",
+            title="taylor-gradnorm |s|, loss, ranked per MAC saved (ours, default: --cost macs)",
         ),
         Method(
             "tp-taylor",

@@ -725,7 +725,7 @@ def markdown(
         "",
         "## Methods",
         "",
-        *[f"- `{m}`: {METHODS[m].label}" for m in grid.methods],
+        *[f"- `{m}`: {METHODS[m].description}" for m in grid.methods],
         "",
     ]
     return "\n".join(lines)

@@ -45,6 +45,13 @@ def test_cell_key_keeps_older_cells_unless_a_method_sets_round_to():
     assert G.cell_config(g, "tp-taylor", 0.5, 0, "p")["method"]["round_to"] == 1
 
 
+def test_a_methods_title_changes_what_reports_show_not_its_cells():
+    m = G.METHODS["tgn-abs-loss"]
+    retitled = replace(m, title="something else")
+    assert retitled.record() == m.record() and "title" not in m.record()
+    assert retitled.description == "something else" and replace(m, title="").description == m.label
+
+
 def test_cut_cells_are_left_out_without_renaming_the_others():
     g = G.GRIDS["quick"]
     cut = replace(g, cut_cells=(("l1", 0.5, 0),))
