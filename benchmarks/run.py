@@ -600,7 +600,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--parent",
         default=os.environ.get("BENCH_PARENT") or None,
-        help="reuse this trained parent model (.safetensors); default: $BENCH_PARENT, else train one",
+        help="reuse this trained parent model (.safetensors); default: $BENCH_PARENT, else the grid's zoo parent (the smoke grid trains one)",
     )
     p.add_argument(
         "--with-clinicdb", action="store_true", help="train the parent on Kvasir + ClinicDB train splits"
