@@ -25,10 +25,10 @@ from typing import Any
 from grid import Grid
 from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
-from polyprune.fit import validation_dice
 from polyprune.io import load_model
 from polyprune.latency import onnxruntime_latency
 from polyprune.pruning import layer_widths
+from polyprune.validation import validation_dice
 
 
 def measure_model(

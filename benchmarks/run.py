@@ -79,7 +79,7 @@ from polyprune.counting import count_macs
 from polyprune.device import resolve_precision, seed_everything
 from polyprune.errors import TargetError
 from polyprune.files import atomic_write_text, read_json, write_json
-from polyprune.fit import fit, validation_dice
+from polyprune.fit import fit
 from polyprune.io import InputSpec, load_model, save_model
 from polyprune.losses import make_loss
 from polyprune.models import build_model
@@ -87,6 +87,7 @@ from polyprune.progress import log
 from polyprune.pruning.config import PruneConfig
 from polyprune.pruning.schedule import prune_run
 from polyprune.train import make_datasets
+from polyprune.validation import validation_dice
 from report import write_report
 
 HERE = Path(__file__).resolve().parent

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from polyprune.errors import ConfigError, TrainingError
-from polyprune.fit import dice_per_image, fit, validation_dice
+from polyprune.fit import fit
 from polyprune.io import InputSpec, load_model
 from polyprune.models import build_model
 from polyprune.train import TrainConfig, make_datasets, train
+from polyprune.validation import dice_per_image, validation_dice
 
 
 def _cfg(synth_dir, out, **kw):
@@ -44,11 +45,12 @@ def test_training_lowers_the_loss_and_beats_all_background(tmp_path):
     assert summary["best_val_dice"] == pytest.approx(dice, abs=1e-6)
 
 
-def test_resume_equals_an_uninterrupted_run(synth_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_equals_an_uninterrupted_run(synth_dir, tmp_path, monkeypatch, ema):
     import polyprune.fit as fit_mod
 
     full = tmp_path / "full"
-    train(_cfg(synth_dir, full, epochs=3))
+    train(_cfg(synth_dir, full, epochs=3, ema=ema))
     part = tmp_path / "part"
     real_save = fit_mod.save_checkpoint
 
@@ -58,9 +60,9 @@ def test_resume_equals_an_uninterrupted_run(synth_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fit_mod, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(synth_dir, part, epochs=3))
+        train(_cfg(synth_dir, part, epochs=3, ema=ema))
     monkeypatch.setattr(fit_mod, "save_checkpoint", real_save)
-    train(_cfg(synth_dir, part, epochs=3, resume=True))
+    train(_cfg(synth_dir, part, epochs=3, ema=ema, resume=True))
     from safetensors.torch import load_file
 
     sa = load_file(str(full / "checkpoint" / "last.safetensors"))
@@ -72,9 +74,27 @@ def test_resume_equals_an_uninterrupted_run(synth_dir, tmp_path, monkeypatch):
     hb = json.loads((part / "history.json").read_text())["history"]
     assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
     # a resume that would change the learning-rate schedule is refused, naming what changed
-    for change, what in (({"epochs": 5}, "total_steps"), ({"epochs": 3, "lr": 3e-3}, "lr 0.001 -> 0.003")):
+    changes = (
+        ({"epochs": 5, "ema": ema}, "total_steps"),
+        ({"epochs": 3, "lr": 3e-3, "ema": ema}, "lr 0.001 -> 0.003"),
+        ({"epochs": 3, "ema": 0.5}, f"ema {ema} -> 0.5"),
+    )
+    for change, what in changes:
         with pytest.raises(ConfigError, match=f"--resume would change the schedule .*{re.escape(what)}"):
             train(_cfg(synth_dir, part, resume=True, **change))
+
+
+def test_with_ema_the_saved_model_is_the_average_not_the_last_weights(synth_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    train(_cfg(synth_dir, tmp_path / "run", epochs=2, ema=0.9, val_fraction=0.0))  # no val: the last epoch
+    ckpt = load_file(str(tmp_path / "run" / "checkpoint" / "last.safetensors"))
+    saved = load_model(tmp_path / "run" / "model.safetensors").state_dict()
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
+    assert int(ckpt["ema.n_averaged"]) == sum(r["steps"] for r in hist) > 0  # one update per step
+    weights = [k for k in saved if k.endswith("weight")]
+    assert all(torch.equal(saved[k], ckpt[f"ema.{k}"]) for k in weights)
+    assert not all(torch.equal(saved[k], ckpt[f"model.{k}"]) for k in weights)
 
 
 def test_same_seed_same_weights(synth_dir, tmp_path):

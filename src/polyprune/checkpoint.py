@@ -49,19 +49,24 @@ def save_checkpoint(
     opt: torch.optim.Optimizer,
     best: dict[str, torch.Tensor] | None,
     loop: dict[str, Any],
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """One safetensors file: weights, optimizer tensors, best weights; loop state as JSON metadata."""
+    """One safetensors file: weights, optimizer tensors, best weights, the weight average (`ema`, if
+    training keeps one); loop state as JSON metadata."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _flatten_optimizer(opt)
     tensors.update(opt_tensors)
     if best is not None:
         tensors.update({f"best.{k}": v for k, v in best.items()})
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.items()})
     save_tensors(path, tensors, metadata={"loop": json.dumps(loop), "optimizer": json.dumps(opt_meta)})
 
 
 def load_checkpoint(
     path: Path, model: nn.Module, opt: torch.optim.Optimizer
-) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """(loop state, best weights, weight average): `model` and `opt` are loaded in place."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -72,7 +77,8 @@ def load_checkpoint(
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         _unflatten_optimizer(opt, tensors, json.loads(meta["optimizer"]))
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-        return json.loads(meta["loop"]), best
+        ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
+        return json.loads(meta["loop"]), best, ema
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         why = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else repr(exc))

@@ -78,6 +78,10 @@ def train(
         Path | None, typer.Option(help="A trained model file to distill from (with --distill W).")
     ] = None,
     distill: Annotated[float, typer.Option(help="Weight of the loss to the teacher's probabilities.")] = 0.0,
+    ema: Annotated[
+        float,
+        typer.Option(help="Validate and keep an EMA of the weights with this decay, e.g. 0.999 (0: off)."),
+    ] = 0.0,
     epochs: int = 20,
     batch: int = 8,
     lr: float = 1e-3,
@@ -128,6 +132,7 @@ def train(
         init=str(init) if init else None,
         teacher=str(teacher) if teacher else None,
         distill=distill,
+        ema=ema,
         epochs=epochs,
         batch=batch,
         lr=lr,

@@ -11,6 +11,8 @@
 - Resume: `checkpoint_dir/last.safetensors` holds weights, optimizer state, best weights and the loop
   state (JSON in the metadata), written atomically at the end of every epoch. Kill at any time; the
   run continues from the last finished epoch.
+- `ema` > 0: validation, model selection and the saved model use an exponential moving average of the
+  weights (polyprune.ema), kept in the checkpoint too.
 - Non-finite loss: the step is skipped (no update) and counted; 20 skipped steps in a row end the run
   with a TrainingError that suggests a lower --lr or --precision fp32.
 - Under torchrun: DistributedSampler + DDP; only rank 0 writes files or prints.
@@ -26,65 +28,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from polyprune import distributed as dist_utils
 from polyprune.checkpoint import load_checkpoint, save_checkpoint
 from polyprune.checks import check_int, check_number, check_seed
 from polyprune.data import epoch_loader
 from polyprune.device import autocast, resolve_device, resolve_precision
+from polyprune.ema import WeightEMA
 from polyprune.errors import ConfigError, TrainingError
 from polyprune.losses import distillation_loss, make_loss
 from polyprune.multiscale import MultiScale
 from polyprune.progress import is_main_process, log, progress_bar
+from polyprune.validation import validation_dice
 
 MAX_BAD_STEPS = 20
-
-
-# ------------------------------------------------------------------------------------- validation
-
-
-def dice_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice at threshold 0.5 for each image of a batch; empty GT and empty prediction -> 1."""
-    pred = (logits.float() > 0).flatten(1).float()
-    t = (target > 0.5).flatten(1).float()
-    inter = (pred * t).sum(1)
-    denom = pred.sum(1) + t.sum(1)
-    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
-
-
-@torch.no_grad()
-def validation_dice(
-    model: nn.Module,
-    val_ds: Dataset,
-    *,
-    batch: int = 8,
-    device: str | torch.device = "auto",
-    precision: str = "auto",
-) -> float:
-    """Mean per-image Dice@0.5 over `val_ds` (sharded over ranks under torchrun)."""
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    n = len(val_ds)
-    if n == 0:
-        return float("nan")
-    indices = list(range(dist_utils.rank(), n, dist_utils.world_size()))
-    loader = DataLoader(torch.utils.data.Subset(val_ds, indices), batch_size=batch, shuffle=False)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=dev)
-    for x, y in loader:
-        x, y = x.to(dev), y.to(dev)
-        if dev.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(dev, prec):
-            logits = model(x)
-        d = dice_per_image(logits, y)
-        total[0] += d.sum().double()
-        total[1] += d.numel()
-    model.train(was_training)
-    dist_utils.all_reduce_sum(total)
-    return float(total[0] / total[1])
 
 
 # -------------------------------------------------------------------------------------------- fit
@@ -133,6 +91,7 @@ def fit(
     distill: float = 0.0,
     temperature: float = 1.0,
     scales: tuple[float, ...] = (),
+    ema: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Train `model` in place; at the end it holds the best-validation weights (last if no val set).
 
@@ -145,6 +104,8 @@ def fit(
     `scales` (e.g. (0.75, 1, 1.25), PraNet's multi-scale training): each step resizes its batch to one of
     them x the data's size (rounded to the model's stride), drawn from (seed, step), so a resume sees the
     same sizes; validation stays at the data's size.
+
+    `ema` (e.g. 0.999): validate, select and return an exponential moving average of the weights.
     """
     dev = dist_utils.local_device(device if isinstance(device, torch.device) else resolve_device(device))
     prec = resolve_precision(precision, dev)
@@ -152,20 +113,15 @@ def fit(
         raise ConfigError("the training set is empty")
     check_training_numbers(lr=lr, weight_decay=weight_decay, batch=batch, seed=seed, workers=workers)
     loss_fn = make_loss(loss)
-    _check_fit_options(warmup, distill, temperature, teacher, scales)
+    _check_fit_options(warmup, distill, temperature, teacher, scales, ema)
     world = dist_utils.world_size()
     model.to(dev)
     teacher = _prepare_teacher(teacher, dev) if distill > 0 else None
     if dev.type == "cpu":
         model.to(memory_format=torch.channels_last)  # oneDNN's fast path, 1.1-1.8x here
-    steps_per_epoch = max(1, math.ceil(len(train_ds) / (batch * world)))
-    epochs, total_steps = (
-        (max(1, math.ceil(iters / steps_per_epoch)), iters)
-        if iters is not None
-        else ((e := epochs if epochs is not None else 1), e * steps_per_epoch)
-    )
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    averager = WeightEMA(model, ema) if ema else None
+    selected = averager.module if averager else model  # what validation sees and fit keeps
+    epochs, total_steps = _budget(epochs, iters, max(1, math.ceil(len(train_ds) / (batch * world))))
     net: nn.Module = model
     if dist_utils.is_distributed():
         net = nn.parallel.DistributedDataParallel(
@@ -176,14 +132,15 @@ def fit(
     warmup_steps = int(warmup * total_steps)
     # what fixes the learning-rate schedule and the batch order: a resume must not change it silently
     schedule = {"total_steps": total_steps, "batch": batch, "lr": lr, "seed": seed, "world": world}
-    used = {"warmup_steps": warmup_steps, "scales": list(scales)}
+    used = {"warmup_steps": warmup_steps, "scales": list(scales), "ema": ema}
     schedule.update({k: v for k, v in used.items() if v})  # only when used: older checkpoints still resume
-    loop, best = _start_or_resume(ckpt if resume else None, model, opt, schedule, progress)
+    loop, best = _start_or_resume(ckpt if resume else None, model, opt, schedule, progress, averager)
     history: list[dict[str, Any]] = loop["history"]
     step = _Stepper(
         net, opt, loss_fn, dev, prec, lr, total_steps, warmup_steps, teacher, distill, temperature
     )
     step.rescale = MultiScale(scales, int(getattr(model, "stride", 32)), seed) if scales else None
+    step.averager = averager
 
     for epoch in range(loop["epoch"], epochs):
         if loop["step"] >= total_steps:
@@ -203,9 +160,9 @@ def fit(
             dist_utils.broadcast_buffers(model)
             loss_sum, n_steps = step.epoch_loss(world)
             val = (
-                validation_dice(model, val_ds, batch=batch, device=dev, precision=prec)
+                validation_dice(selected, val_ds, batch=batch, device=dev, precision=prec)
                 if val_ds
-                else float("nan")
+                else math.nan
             )
             row = {
                 "epoch": epoch + 1,
@@ -219,7 +176,7 @@ def fit(
             bar.set(loss=f"{row['loss']:.4f}", val_dice=f"{val:.4f}")
         best = _end_of_epoch(
             model, opt, row, loop, best, history, ckpt, f"{desc} {epoch + 1}/{epochs}", total_steps, progress,
-            on_best, on_epoch,
+            on_best, on_epoch, averager,
         )  # fmt: skip
     if best is not None:
         model.load_state_dict(best)
@@ -227,9 +184,25 @@ def fit(
     return history
 
 
+def _budget(epochs: int | None, iters: int | None, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs, optimizer steps): `iters` steps if given, else `epochs` (default 1) whole epochs."""
+    if iters is not None:
+        return max(1, math.ceil(iters / steps_per_epoch)), iters
+    epochs = 1 if epochs is None else epochs
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    return epochs, epochs * steps_per_epoch
+
+
 def _check_fit_options(
-    warmup: float, distill: float, temperature: float, teacher: nn.Module | None, scales: tuple[float, ...]
+    warmup: float,
+    distill: float,
+    temperature: float,
+    teacher: nn.Module | None,
+    scales: tuple[float, ...],
+    ema: float,
 ) -> None:
+    check_number("ema", ema, low=0, high=1, high_open=True)
     for v in scales:
         check_number("scales", v, low=0.25, high=4)
     check_number("distill", distill, low=0, high=100)
@@ -253,8 +226,10 @@ def _end_of_epoch(
     progress: bool,
     on_best: Callable[[nn.Module, dict[str, Any]], None] | None,
     on_epoch: Callable[[list[dict[str, Any]]], None] | None,
+    averager: WeightEMA | None = None,
 ) -> dict[str, torch.Tensor] | None:
-    """Check the weights, log, keep the best weights, checkpoint; returns the best weights so far."""
+    """Check the weights, log, keep the best weights (the average's, with `averager`), checkpoint;
+    returns the best weights so far."""
     epoch, val = row["epoch"], row["val_dice"]
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         # finite losses can still step the weights to inf (a huge lr): never save such a model
@@ -267,12 +242,13 @@ def _end_of_epoch(
     improved = not math.isnan(val) and val > loop["best_dice"]
     if improved or (math.isnan(val) and loop["step"] >= total_steps):
         loop["best_dice"] = val if improved else loop["best_dice"]
-        best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        selected = averager.module if averager is not None else model
+        best = {k: v.detach().clone() for k, v in selected.state_dict().items()}
         if on_best is not None and is_main_process():
-            on_best(model, row)
+            on_best(selected, row)
     loop["epoch"] = epoch
     if ckpt is not None and is_main_process():
-        save_checkpoint(ckpt, model, opt, best, loop)
+        save_checkpoint(ckpt, model, opt, best, loop, averager.state() if averager is not None else None)
     if on_epoch is not None and is_main_process():
         on_epoch(history)
     dist_utils.barrier()
@@ -289,21 +265,30 @@ def _prepare_teacher(teacher: nn.Module | None, dev: torch.device) -> nn.Module 
 
 
 def _start_or_resume(
-    ckpt: Path | None, model: nn.Module, opt: torch.optim.Optimizer, schedule: dict[str, Any], progress: bool
+    ckpt: Path | None,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    schedule: dict[str, Any],
+    progress: bool,
+    averager: WeightEMA | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """(loop state, best weights): fresh, or from `ckpt` if it exists (refused if the schedule changed)."""
     loop: dict[str, Any] = {"epoch": 0, "step": 0, "best_dice": -1.0, "history": [], "schedule": schedule}
     if ckpt is None or not ckpt.is_file():
         return loop, None
-    loop, best = load_checkpoint(ckpt, model, opt)
+    loop, best, ema_state = load_checkpoint(ckpt, model, opt)
     was = loop.setdefault("schedule", schedule)  # checkpoints before this check carry none
     changed = [f"{k} {was[k]} -> {v}" for k, v in schedule.items() if k in was and was[k] != v]
+    if was.get("ema", 0.0) != schedule.get("ema", 0.0):  # the average is in the checkpoint or is not
+        changed.append(f"ema {was.get('ema', 0.0)} -> {schedule.get('ema', 0.0)}")
     if changed:
         raise ConfigError(
             f"--resume would change the schedule of {ckpt} ({', '.join(changed)}; total_steps follows "
             "--epochs/--finetune-iters, the data size and the process count): use the first run's "
             "options, or start a new run"
         )
+    if averager is not None and ema_state is not None:
+        averager.load_state(ema_state)
     log(f"resumed from {ckpt} after epoch {loop['epoch']}", enabled=progress)
     return loop, best
 
@@ -332,6 +317,7 @@ class _Stepper:
         self.world = dist_utils.world_size()
         self.bad_in_a_row = 0
         self.rescale: MultiScale | None = None
+        self.averager: WeightEMA | None = None
         self.epoch_start()
 
     def epoch_start(self) -> None:
@@ -373,6 +359,8 @@ class _Stepper:
         self.bad_in_a_row = 0
         value.backward()
         self.opt.step()
+        if self.averager is not None:
+            self.averager.update(getattr(self.net, "module", self.net))  # DDP's inner model
         self.loss_sum += value.item()
         self.n_steps += 1
         bar.advance(loss=f"{self.loss_sum / self.n_steps:.4f}")

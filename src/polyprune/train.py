@@ -169,6 +169,7 @@ class TrainConfig:
     init: str | None = None  # a trained model file to start from (fine-tuning) instead of a fresh model
     teacher: str | None = None  # a model file to distill from (a from-scratch student gets the same help)
     distill: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off), e.g. 0.999
     epochs: int = 20
     batch: int = 8
     lr: float = 1e-3
@@ -201,6 +202,7 @@ class TrainConfig:
         check_number("val_fraction", self.val_fraction, low=0, high=1, high_open=True)
         check_choice("loss", self.loss, tuple(LOSSES))
         check_number("distill", self.distill, low=0, high=100)
+        check_number("ema", self.ema, low=0, high=1, high_open=True)
         if self.distill > 0 and not self.teacher:
             raise ConfigError("distill needs a teacher model file")
 
@@ -306,6 +308,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         on_epoch=on_epoch,
         teacher=load_model(cfg.teacher) if cfg.teacher else None,
         distill=cfg.distill,
+        ema=cfg.ema,
     )
     best_row = max(
         (r for r in history if not math.isnan(r["val_dice"])), key=lambda r: r["val_dice"], default=None

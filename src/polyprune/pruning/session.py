@@ -132,7 +132,7 @@ class PruneSession:
         return dist_utils.broadcast_object(row)
 
     def dice(self, model: nn.Module) -> float:
-        from polyprune.fit import validation_dice
+        from polyprune.validation import validation_dice
 
         if len(self.val_ds) == 0:
             return float("nan")
