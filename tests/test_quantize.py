@@ -140,3 +140,52 @@ def test_histogram_calibration_that_cannot_fit_is_refused(trained, synth_dir, tm
     monkeypatch.setattr(polyprune.counting, "available_memory_bytes", lambda: 10 * 2**20)  # 10 MB left
     with pytest.raises(ConfigError, match=r"percentile calibration keeps every activation.*--calib-n \d+"):
         quantize_onnx(fp32, tmp_path / "p.onnx", calibration_images([synth_dir], 24), method="percentile")
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_weights_are_7_bit_by_default_only_where_8_bit_products_saturate(
+    trained, synth_dir, tmp_path, monkeypatch, saturates
+):
+    import warnings
+
+    import polyprune.quantize as quantize_mod
+
+    monkeypatch.setattr(quantize_mod, "int8_saturates_here", lambda: saturates)
+    fp32 = export_onnx(trained, tmp_path / "fp32.onnx").path
+    images = calibration_images([synth_dir], 4, seed=0)
+    auto = quantize_onnx(fp32, tmp_path / "auto.onnx", images, min_agreement=0.0)
+    forced = quantize_onnx(
+        fp32, tmp_path / "forced.onnx", images, min_agreement=0.0, reduce_range=not saturates
+    )
+    assert auto.reduce_range is saturates and forced.reduce_range is not saturates
+    for path, seven in ((auto.path, saturates), (forced.path, not saturates)):
+        record = int8_record(read_onnx_metadata(path).raw)
+        assert record["reduce_range"] is seven and record["weights"].startswith("int7" if seven else "int8")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Predictor(path).close()
+        warned = [w for w in caught if "VNNI" in str(w.message)]
+        # only an 8-bit file on a CPU where its products saturate is worth a warning
+        assert len(warned) == (1 if saturates and not seven else 0), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    ("machine", "caps", "saturates"),
+    [
+        ("x86_64", {"avx2": True}, True),  # AVX2 only: VPMADDUBSW's 16-bit sums
+        ("x86_64", {"avx512_f": True}, True),  # AVX-512 without VNNI: the same instruction
+        ("x86_64", {"avx512_vnni": True}, False),
+        ("x86_64", {"avx_vnni": True}, False),
+        ("aarch64", {}, False),
+    ],
+)
+def test_which_cpus_saturate(monkeypatch, machine, caps, saturates):
+    import platform
+
+    import torch
+
+    from polyprune.quantize import int8_saturates_here
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert int8_saturates_here() is saturates

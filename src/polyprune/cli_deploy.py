@@ -41,6 +41,13 @@ def export(
     exclude_ids: Annotated[
         list[Path] | None, typer.Option("--exclude-ids", help="INT8: test ids never used for calibration.")
     ] = None,
+    reduce_range: Annotated[
+        bool | None,
+        typer.Option(
+            "--reduce-range/--no-reduce-range",
+            help="INT8: 7-bit weights (default: on where this CPU lacks VNNI and 8-bit products saturate).",
+        ),
+    ] = None,
     seed: Seed = 0,
     json_out: JsonOut = None,
 ) -> None:
@@ -53,12 +60,13 @@ def export(
 
         q = export_int8(
             model, out, calib_data or [], calib_n=calib_n, method=calib_method,
-            exclude_ids=exclude_ids or [], seed=seed, size=size,
+            exclude_ids=exclude_ids or [], seed=seed, size=size, reduce_range=reduce_range,
         )  # fmt: skip
         emit_json(q.to_dict(), json_out)
         if json_out != "-":
             log(
-                f"exported {q.path} (INT8 {calib_method}, {q.n_calib} calibration images, "
+                f"exported {q.path} (INT8 {calib_method}, {7 if q.reduce_range else 8}-bit weights, "
+                f"{q.n_calib} calibration images, "
                 f"{q.file_bytes / 2**20:.1f} MB vs {q.source_bytes / 2**20:.1f} MB fp32) in {q.seconds:.1f} s; "
                 f"vs fp32 on the calibration images: mask Dice agreement {q.dice_agreement:.4f}, "
                 f"mean |prob diff| {q.mean_abs_diff:.4f}"

@@ -37,7 +37,7 @@ from torch import nn
 from polyprune.data import preprocess_image
 from polyprune.errors import ConfigError, DataError, ModelFileError, one_line
 from polyprune.io import InputSpec, load_model
-from polyprune.quantize import INT8_KEY
+from polyprune.quantize import INT8_KEY, warn_if_int8_saturates
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 
@@ -175,8 +175,10 @@ class Predictor:
         from polyprune.export import ort_session
 
         self._session = ort_session(path, threads)
-        if INT8_KEY in self._session.get_modelmeta().custom_metadata_map:
+        raw = self._session.get_modelmeta().custom_metadata_map
+        if INT8_KEY in raw:
             self.precision = "int8"
+            warn_if_int8_saturates(path, raw)
         inp = self._session.get_inputs()[0]
         self._check_static_shape(path, inp.shape, spec)
         self._check_output_shape(path, self._session.get_outputs()[0].shape, spec)
