@@ -10,7 +10,7 @@ test             polyprune.evaluate.evaluate_model on Kvasir-SEG (PraNet test id
 latency          polyprune.latency.onnxruntime_latency: static ONNX export at each size, batch 1,
                  `latency_threads` intra-op threads, `warmup` untimed runs, then median / p90 /
                  min of `runs` timed runs of the session call on a preprocessed input. Measured
-                 once with the cell, then again for every model in one back-to-back pass when the
+                 once with the cell, then again for every model in one pass, timed in turns, when the
                  grid is complete (run.final_latency_pass), so all rows share the same conditions;
                  at the largest size also the static INT8 model (ONNX Runtime's quantizer, MinMax
                  on 16 training images) on ONNX Runtime and the fp32 model on OpenVINO
@@ -80,4 +80,51 @@ def measure_latency(path: Path, grid: Grid, calib: list[Path] | None = None) -> 
         lat = int8_latency(load_model(path), s, calib, backend="onnxruntime", **common)
         out[f"int8_{s}"] = {**lat.to_dict(), **extra, "calib_images": len(calib)}
     out[f"openvino_{s}"] = {**openvino_latency(path, s, **common).to_dict(), **extra}
+    return out
+
+
+def measure_latencies_in_turns(
+    paths: list[Path], grid: Grid, calib: list[Path] | None = None
+) -> list[dict[str, Any]]:
+    """`measure_latency`'s record for every file, with each key's models timed in turns
+    (polyprune.latency.time_round_robin: 5 rounds, a 0.5 s rest and 2 untimed runs before each turn), so
+    rows measured in one pass share the machine's load instead of whatever each minute brought."""
+    import contextlib
+    import tempfile
+
+    import numpy as np
+
+    from polyprune.export import export_onnx
+    from polyprune.latency import input_spec_at, time_round_robin
+    from polyprune.predictor import Predictor
+    from polyprune.quantize import quantize_onnx
+
+    extra = {"threads": grid.latency_threads, "warmup": grid.latency_warmup, "timing": "round-robin"}
+    s_max = grid.latency_sizes[-1]
+    keys = [(str(s), "onnxruntime", s) for s in grid.latency_sizes]
+    keys += [(f"int8_{s_max}", "onnxruntime", s_max)] if calib else []
+    keys += [(f"openvino_{s_max}", "openvino", s_max)]
+    out: list[dict[str, Any]] = [{} for _ in paths]
+    with tempfile.TemporaryDirectory(prefix="bench-lat-") as tmp:
+        for key, backend, size in keys:
+            with contextlib.ExitStack() as sessions:
+                calls = []
+                for i, path in enumerate(paths):
+                    model_file = path
+                    if key.startswith("int8_"):
+                        fp32 = export_onnx(path, Path(tmp) / f"{i}.onnx", size=size, check=False).path
+                        model_file = quantize_onnx(
+                            fp32, Path(tmp) / f"{i}_int8.onnx", calib, min_agreement=0.0
+                        ).path
+                    p = sessions.enter_context(Predictor(model_file, backend=backend, threads=grid.latency_threads,
+                                                         input_spec=input_spec_at(path, size)))  # fmt: skip
+                    x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+                    calls.append(lambda p=p, x=x: p.predict_logits(x))
+                lats = time_round_robin(calls, runs=grid.latency_runs, warmup=grid.latency_warmup)
+            for rec, lat in zip(out, lats, strict=True):
+                rec[key] = {
+                    **lat.to_dict(),
+                    **extra,
+                    **({"calib_images": len(calib)} if calib and "int8" in key else {}),
+                }
     return out

@@ -49,7 +49,7 @@ fine-tuning) is recorded as an "unreachable" cell.
 
 Latency numbers need a quiet machine: with other processes on the 2 cores, 2-thread ONNX Runtime
 timings are dominated by scheduling. So when the grid is complete, every model (parent included) is
-timed again in one back-to-back pass (final_latency_pass); the table shows that pass, and each record
+timed again in one pass, in turns (final_latency_pass); the table shows that pass, and each record
 keeps its first measurement as `latency_first`. Training uses `--threads` (default all cores).
 """
 
@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, Subset
 
 import grid as G
 import methods as M
-from measure import measure_latency, measure_model
+from measure import measure_latencies_in_turns, measure_model
 from polyprune.benchmark import system_info
 from polyprune.counting import count_macs
 from polyprune.device import resolve_precision, seed_everything
@@ -526,7 +526,7 @@ def final_latency_pass(b: Bench, cells: list[G.Cell], force: bool = False) -> No
     """Every model's latency again, back to back, once the grid is complete.
 
     Cells are measured hours apart, and a shared machine's load changes in between; one pass at the end
-    puts every row under the same conditions. The first measurement stays in the record as
+    puts every row under the same conditions, and within it the models are timed in turns. The first measurement stays in the record as
     `latency_first`. A killed pass is redone whole (a few minutes), so the rows never mix passes."""
     folders = [parent_record_dir(b)] + [G.cell_dir(b.work, c) for c in cells]
     recs = {f: read_json(f / "done.json") for f in folders if G.is_done(f)}
@@ -536,10 +536,12 @@ def final_latency_pass(b: Bench, cells: list[G.Cell], force: bool = False) -> No
     log(
         f"final latency pass: {len(recs)} models, ONNX Runtime fp32 + INT8, OpenVINO, {b.grid.latency_threads} threads"
     )
-    for f, rec in recs.items():
-        path = Path(rec["path"]) if rec.get("method") == "parent" else model_file(f)
+    paths = [Path(rec["path"]) if rec.get("method") == "parent" else model_file(f) for f, rec in recs.items()]
+    for (f, rec), latency in zip(
+        recs.items(), measure_latencies_in_turns(paths, b.grid, b.int8_calib), strict=True
+    ):
         rec.setdefault("latency_first", rec["latency"])
-        rec["latency"] = measure_latency(path, b.grid, b.int8_calib)
+        rec["latency"] = latency
         rec["latency_pass"] = "final"
         write_json(f / "done.json", rec)
 

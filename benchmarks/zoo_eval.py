@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from polyprune.evaluate import evaluate_model
 from polyprune.export import export_onnx
 from polyprune.files import write_json
 from polyprune.io import load_model
+from polyprune.latency import time_round_robin
 from polyprune.predictor import Predictor
 
 DATA = Path(os.environ.get("POLYPRUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -51,30 +50,13 @@ def score(path: Path, threads: int) -> dict:
 def interleaved_latency(
     onnx_files: list[Path], size: int, threads: int, runs: int, rounds: int
 ) -> list[dict]:
-    """Round-robin timing: every model gets `runs` runs per round, `rounds` rounds; median ms."""
+    """Round-robin timing (polyprune.latency.time_round_robin): every model gets `runs` runs per round,
+    `rounds` rounds, a 0.5 s pause and 2 untimed runs before each turn; median ms."""
     preds = [Predictor(p, backend="onnxruntime", threads=threads) for p in onnx_files]
     x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
-    times: list[list[float]] = [[] for _ in preds]
-    for p in preds:  # warm-up
-        for _ in range(5):
-            p.predict_logits(x)
-    for _ in range(rounds):
-        for i, p in enumerate(preds):
-            # ONNX Runtime's idle thread pools spin for a while after a run: let the previous model's
-            # threads go quiet, and warm this one up again, before timing it
-            time.sleep(0.5)
-            for _ in range(2):
-                p.predict_logits(x)
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                p.predict_logits(x)
-                times[i].append((time.perf_counter() - t0) * 1000)
-    out = []
-    for t in times:
-        med = statistics.median(t)
-        out.append({"median_ms": med, "p90_ms": float(np.percentile(t, 90)), "min_ms": min(t), "fps": 1000 / med,
-                    "n_runs": len(t)})  # fmt: skip
-    return out
+    calls = [lambda p=p: p.predict_logits(x) for p in preds]
+    lats = time_round_robin(calls, runs=runs * rounds, warmup=5, rounds=rounds, pause_s=0.5, rewarm=2)
+    return [{**lat.to_dict(), "n_runs": lat.runs} for lat in lats]
 
 
 def main(argv: list[str] | None = None) -> int:

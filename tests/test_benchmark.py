@@ -61,8 +61,12 @@ def test_openvino_latency(pruned_onnx):
 
 def test_benchmark_rows(models, tmp_path):
     parent, pruned = models
-    rows = benchmark_models([parent, pruned], sizes=[SIZE], backends=["torch", "onnxruntime"], runs=3)
-    rows += benchmark_models([parent, pruned], sizes=[2 * SIZE], backends="torch", runs=3)  # no export: cheap
+    rows = benchmark_models(
+        [parent, pruned], sizes=[SIZE], backends=["torch", "onnxruntime"], runs=3, pause_s=0
+    )
+    rows += benchmark_models(
+        [parent, pruned], sizes=[2 * SIZE], backends="torch", runs=3, pause_s=0
+    )  # no export: cheap
     assert len(rows) == 2 * 2 + 2
     assert [(r["name"], r["size"], r["backend"]) for r in rows[:2]] == [
         ("parent", SIZE, "torch"),
@@ -146,3 +150,19 @@ def test_model_labels_tell_run_folders_apart():
     assert model_labels(runs) == ["parent/model.safetensors", "pruned/model.safetensors"]
     assert model_labels([Path("a.onnx"), Path("a.safetensors")]) == ["a.onnx", "a.safetensors"]
     assert model_labels([Path("p.safetensors"), Path("c.onnx")]) == ["p", "c"]
+
+
+def test_round_robin_times_every_call_in_turns_with_a_pause_and_rewarm(monkeypatch):
+    import polyprune.latency as latency_mod
+    from polyprune.latency import time_round_robin
+
+    events: list[str] = []
+    monkeypatch.setattr(latency_mod.time, "sleep", lambda s: events.append(f"pause {s}"))
+    calls = [lambda name=name: events.append(name) for name in "ab"]
+    lats = time_round_robin(calls, runs=5, warmup=1, rounds=2, pause_s=0.5, rewarm=1)
+    assert [lat.runs for lat in lats] == [5, 5]  # 3 + 2 timed runs each over the two rounds
+    expected = ["a", "b"]  # warm-up
+    for share in (3, 2):
+        for name in "ab":
+            expected += ["pause 0.5", name] + [name] * share  # rest, one untimed run, then the timed share
+    assert events == expected

@@ -1,29 +1,30 @@
 """`polyprune benchmark`: one row per model x size x backend (timing: `latency`, counts: `counting`).
 
-`benchmark_models` makes one row per model x size x backend. Peak memory there is the process's
-resident set size (RSS, /proc/self/statm) sampled every 5 ms from a helper thread while the model is
-loaded / the session is built, warmed up and timed: `peak_rss_mb` is the largest sample and
+`benchmark_models` makes one row per model x size x backend: all rows are loaded first, then timed in
+turns. Peak memory there is the process's resident set size (RSS, /proc/self/statm) sampled every 5 ms
+from a helper thread while the model is loaded / the session is built and warmed up: `peak_rss_mb` is the largest sample and
 `peak_rss_delta_mb` that minus the RSS just before. It is approximate: memory freed by an earlier row
 and kept by the allocator is reused without showing up, so rows after the first can read low.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from polyprune.checks import check_int, check_size, check_threads
+from polyprune.checks import check_int, check_number, check_size, check_threads
 from polyprune.counting import count_macs, count_params
 from polyprune.errors import ConfigError
-from polyprune.latency import runtime_latency, torch_latency
+from polyprune.latency import time_round_robin
 
 # ---------------------------------------------------------------------------------------- benchmark
 
@@ -108,6 +109,8 @@ def benchmark_models(
     runs: int = 20,
     *,
     warmup: int = 3,
+    rounds: int = 5,
+    pause_s: float = 0.5,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per model x size x backend: params, MACs, latency, FPS, peak memory, ratios to models[0].
@@ -115,7 +118,9 @@ def benchmark_models(
     `models`: .safetensors model files and/or .onnx files (an .onnx file gets no torch row; a model left
     with no row at all is a ConfigError). `threads` None = torch's current thread count, used for every
     backend. Sizes must be multiples of the model's stride; None: a static .onnx at its own size, the rest at
-    352.
+    352. Every row is loaded and warmed up first, then all are timed in turns (`latency.time_round_robin`:
+    `rounds` rounds, a `pause_s` pause before each model's turn), so the speed-ups compare models under
+    the same machine load.
 
     Row keys: model, name (file stem; file name where two models share a stem), backend, precision,
     size, threads, params, macs, median_ms, p90_ms, min_ms, runs, fps (= 1000 / median_ms),
@@ -123,73 +128,107 @@ def benchmark_models(
     size / this median), params_ratio, macs_ratio (this / first).
     params / macs are None for an .onnx file without polyprune architecture metadata.
     """
-    from polyprune.export import export_onnx, read_onnx_metadata
-    from polyprune.io import load_model
-    from polyprune.models import build_model
     from polyprune.progress import progress_bar
 
     names = resolve_backends(backends)
     threads = threads or torch.get_num_threads()
     paths = [Path(m) for m in models]
     _check_benchmark_inputs(paths, names, sizes, threads, runs, warmup)
+    check_int("rounds", rounds, low=1, high=10_000)
+    check_number("pause_s", pause_s, low=0, high=60)
     labels = model_labels(paths)
-    rows: list[dict[str, Any]] = []
-    total = sum(
-        len(sizes or [0]) * len([b for b in names if b != "torch" or p.suffix.lower() != ".onnx"])
-        for p in paths
-    )
     with (
+        contextlib.ExitStack() as open_runners,
         tempfile.TemporaryDirectory(prefix="polyprune-bench-") as tmp,
-        progress_bar(total=total, desc="benchmark", enabled=progress) as bar,
     ):
-        for k, path in enumerate(paths):
-            is_onnx = path.suffix.lower() == ".onnx"
-            if is_onnx:
-                arch = read_onnx_metadata(path).arch
-                ref = _build_from_arch(arch, build_model)
-            else:
-                ref = load_model(path)
-            stride = int(getattr(ref, "stride", 1)) if ref is not None else 1
-            for size in sizes or [_default_size(path, is_onnx)]:
-                check_size(size, stride)
-                params = count_params(ref) if ref is not None else None
-                macs = count_macs(ref, size) if ref is not None else None
-                onnx_path = path
-                if not is_onnx and any(b != "torch" for b in names):  # export outside the memory sampling
-                    onnx_path = Path(tmp) / f"{k}_{size}.onnx"
-                    export_onnx(path, onnx_path, size=size, check=False)
-                for backend in names:
-                    if backend == "torch" and is_onnx:
-                        continue
-                    with PeakRSS() as mem:
-                        if backend == "torch":
-                            lat = torch_latency(
-                                load_model(path), size, runs=runs, warmup=warmup, threads=threads
-                            )
-                            precision = "f32"
-                        else:
-                            lat, precision = runtime_latency(
-                                backend, onnx_path, size, runs=runs, warmup=warmup, threads=threads
-                            )
-                    rows.append(
-                        {
-                            "model": str(path),
-                            "name": labels[k],
-                            "backend": backend,
-                            "precision": precision,
-                            "size": size,
-                            "threads": threads,
-                            "params": params,
-                            "macs": macs,
-                            "file_mb": path.stat().st_size / 2**20,  # what a deployment ships
-                            **lat.to_dict(),
-                            "peak_rss_mb": mem.peak_mb,
-                            "peak_rss_delta_mb": mem.delta_mb,
-                        }
-                    )
+        rows, calls = [], []
+        with progress_bar(total=None, desc="benchmark: load", enabled=progress) as bar:
+            for k, path in enumerate(paths):
+                for row, call in _load_rows(
+                    path, labels[k], k, names, sizes, threads, warmup, Path(tmp), open_runners
+                ):
+                    rows.append(row)
+                    calls.append(call)
                     bar.advance()
+        with progress_bar(total=min(rounds, runs), desc="benchmark: time", enabled=progress) as bar:
+            lats = time_round_robin(
+                calls, runs=runs, warmup=0, rounds=rounds, pause_s=pause_s, on_round=bar.advance
+            )
+    for row, lat in zip(rows, lats, strict=True):
+        row.update(lat.to_dict())
     _add_ratios(rows)
     return rows
+
+
+def _load_rows(
+    path: Path,
+    label: str,
+    k: int,
+    names: list[str],
+    sizes: Sequence[int] | None,
+    threads: int,
+    warmup: int,
+    tmp: Path,
+    open_runners: contextlib.ExitStack,
+) -> Iterator[tuple[dict[str, Any], Callable[[], object]]]:
+    """(row without timings, a warmed-up call of one forward pass) for each size x backend of `path`; peak
+    memory is sampled while the model is loaded / the session is built and warmed up."""
+    from polyprune.export import export_onnx, read_onnx_metadata
+    from polyprune.io import load_model
+    from polyprune.models import build_model
+
+    is_onnx = path.suffix.lower() == ".onnx"
+    ref = _build_from_arch(read_onnx_metadata(path).arch, build_model) if is_onnx else load_model(path)
+    stride = int(getattr(ref, "stride", 1)) if ref is not None else 1
+    for size in sizes or [_default_size(path, is_onnx)]:
+        check_size(size, stride)
+        onnx_path = path
+        if not is_onnx and any(b != "torch" for b in names):  # export outside the memory sampling
+            onnx_path = tmp / f"{k}_{size}.onnx"
+            export_onnx(path, onnx_path, size=size, check=False)
+        for backend in names:
+            if backend == "torch" and is_onnx:
+                continue
+            with PeakRSS() as mem:
+                call, precision = _runner(backend, path, onnx_path, size, threads, open_runners)
+                for _ in range(warmup):
+                    call()
+            row = {
+                "model": str(path), "name": label, "backend": backend, "precision": precision, "size": size,
+                "threads": threads,
+                "params": count_params(ref) if ref is not None else None,
+                "macs": count_macs(ref, size) if ref is not None else None,
+                "file_mb": path.stat().st_size / 2**20,  # what a deployment ships
+                "peak_rss_mb": mem.peak_mb, "peak_rss_delta_mb": mem.delta_mb,
+            }  # fmt: skip
+            yield row, call
+
+
+def _runner(
+    backend: str, path: Path, onnx_path: Path, size: int, threads: int, open_runners: contextlib.ExitStack
+) -> tuple[Callable[[], object], str]:
+    """One batch-1 forward pass on `backend` as a call, and the backend's precision name."""
+    import numpy as np
+
+    from polyprune.io import load_model
+    from polyprune.latency import input_spec_at
+    from polyprune.predictor import Predictor
+
+    if backend == "torch":
+        torch.set_num_threads(threads)
+        model = load_model(path).eval()
+        x = torch.randn(1, 3, size, size)
+
+        def forward() -> None:
+            with torch.inference_mode():
+                model(x)
+
+        return forward, "f32"
+    p = open_runners.enter_context(
+        Predictor(onnx_path, backend=backend, threads=threads, input_spec=input_spec_at(onnx_path, size))
+    )
+    arr = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+    return (lambda: p.predict_logits(arr)), p.precision
 
 
 def _check_benchmark_inputs(

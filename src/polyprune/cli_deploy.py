@@ -105,6 +105,13 @@ def benchmark(
     threads: Threads = None,
     runs: Annotated[int, typer.Option(help="Timed runs per row (after warm-up).")] = 20,
     warmup: Annotated[int, typer.Option(help="Warm-up runs per row.")] = 3,
+    rounds: Annotated[
+        int, typer.Option(help="Rows are timed in turns: this many rounds, each with its share of --runs.")
+    ] = 5,
+    pause: Annotated[
+        float,
+        typer.Option(help="Seconds of rest before each row's turn (idle runtime threads stop spinning)."),
+    ] = 0.5,
     json_path: Annotated[
         str | None,
         typer.Option("--json", metavar="OUT", help="Write rows + system info as JSON to OUT ('-': stdout)."),
@@ -125,6 +132,8 @@ def benchmark(
         threads=threads,
         runs=runs,
         warmup=warmup,
+        rounds=rounds,
+        pause_s=pause,
         progress=not quiet,
     )
     doc = {"rows": rows, "system": system_info()}

@@ -222,6 +222,7 @@ def benchmark_both(
         backends=["torch", "onnxruntime"],
         threads=threads,
         runs=cfg.bench_runs,
+        pause_s=0.2,  # two tiny models: a short rest is enough for their idle threads
         progress=progress,
     )
     write_json(out / "benchmark.json", {"rows": rows, "system": system_info()})

@@ -43,9 +43,7 @@ def time_callable(fn: Callable[[], object], *, runs: int = 20, warmup: int = 3) 
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1000.0)
-    times.sort()
-    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
-    return Latency(median_ms=statistics.median(times), p90_ms=p90, min_ms=times[0], runs=runs)
+    return _summary(times)
 
 
 def time_interleaved(calls: list[Callable[[], object]], *, runs: int, warmup: int) -> list[float]:
@@ -61,6 +59,49 @@ def time_interleaved(calls: list[Callable[[], object]], *, runs: int, warmup: in
             call()
             ts.append((time.perf_counter() - t0) * 1000.0)
     return [statistics.median(ts) for ts in times]
+
+
+def time_round_robin(
+    calls: Sequence[Callable[[], object]],
+    *,
+    runs: int = 20,
+    warmup: int = 3,
+    rounds: int = 5,
+    pause_s: float = 0.5,
+    rewarm: int = 2,
+    on_round: Callable[[], None] | None = None,
+) -> list[Latency]:
+    """Latency of each call, timed in turn: `rounds` rounds in which every call gets its share of `runs`
+    timed runs (`runs` in all), each share after a `pause_s` pause and `rewarm` untimed runs.
+
+    Why: models timed one after another minutes apart see different machine load, so their ratio (a
+    speed-up) drifts; in turns they share it. The pause lets the previous runtime's idle thread pool stop
+    spinning (ONNX Runtime's spin for a while after a run and slowed the next model up to 1.6x here)."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    n_rounds = max(1, min(rounds, runs))
+    shares = [runs // n_rounds + (i < runs % n_rounds) for i in range(n_rounds)]
+    times: list[list[float]] = [[] for _ in calls]
+    for share in shares:
+        for call, ts in zip(calls, times, strict=True):
+            if pause_s > 0:
+                time.sleep(pause_s)
+            for _ in range(rewarm):
+                call()
+            for _ in range(share):
+                t0 = time.perf_counter()
+                call()
+                ts.append((time.perf_counter() - t0) * 1000.0)
+        if on_round is not None:
+            on_round()
+    return [_summary(ts) for ts in times]
+
+
+def _summary(times: list[float]) -> Latency:
+    times = sorted(times)
+    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
+    return Latency(median_ms=statistics.median(times), p90_ms=p90, min_ms=times[0], runs=len(times))
 
 
 def torch_latency(
@@ -85,7 +126,7 @@ def torch_latency(
 # ---------------------------------------------------------------------------------------- runtimes
 
 
-def _spec_at(model_or_path: str | Path | nn.Module, size: int) -> InputSpec:
+def input_spec_at(model_or_path: str | Path | nn.Module, size: int) -> InputSpec:
     """The model's InputSpec (ImageNet defaults if it has none) with `size` replaced."""
     if isinstance(model_or_path, nn.Module):
         meta = getattr(model_or_path, "polyprune_meta", None)
@@ -114,7 +155,7 @@ def runtime_latency(
     """Latency of `Predictor.predict_logits` at batch 1 and the runtime's precision name."""
     from polyprune.predictor import Predictor
 
-    spec = _spec_at(model_or_path, size)
+    spec = input_spec_at(model_or_path, size)
     with Predictor(
         model_or_path, backend=backend, threads=threads, input_spec=spec, precision=precision
     ) as p:
