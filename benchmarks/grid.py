@@ -149,6 +149,9 @@ class Grid:
     latency_runs: int = 30
     latency_warmup: int = 5
     latency_threads: int = 2
+    # the final pass's rest before each model's turn (idle ONNX Runtime threads stop spinning); not in any
+    # cell's hash: it changes no cell's own record
+    latency_pause_s: float = 0.5
     test_limit: int | None = None  # smoke: the first N ids of each test split
     parent: ParentSpec = field(default_factory=ParentSpec)
     # methods run at other targets than `targets` (cells cut to fit the budget): ((method, (t, ...)), ...)
@@ -226,6 +229,7 @@ GRIDS: dict[str, Grid] = {
         n_images=16,
         latency_runs=20,
         latency_warmup=3,
+        latency_pause_s=0.05,  # tiny models: a short rest is enough, and the smoke test stays short
         test_limit=20,
         parent=ParentSpec(width=8, size=64, epochs=5, train_limit=110),
         zoo_parent=None,
@@ -284,7 +288,16 @@ def short_hash(obj: Any, n: int = 8) -> str:
 def cell_config(grid: Grid, method: str, target: float, seed: int, parent_id: str) -> dict[str, Any]:
     """Everything a cell's result depends on (its hash names the cell's folder)."""
     cfg = asdict(grid)
-    for k in ("name", "methods", "targets", "seeds", "oneshot_methods", "oneshot_ratios", "cut_cells"):
+    for k in (
+        "name",
+        "methods",
+        "targets",
+        "seeds",
+        "oneshot_methods",
+        "oneshot_ratios",
+        "cut_cells",
+        "latency_pause_s",
+    ):
         cfg.pop(k)
     cfg.pop("parent")  # the parent is identified by parent_id (hash of its file)
     return {"method": METHODS[method].record(), "target": target, "seed": seed, "parent": parent_id, **cfg}

@@ -87,7 +87,7 @@ def measure_latencies_in_turns(
     paths: list[Path], grid: Grid, calib: list[Path] | None = None
 ) -> list[dict[str, Any]]:
     """`measure_latency`'s record for every file, with each key's models timed in turns
-    (polyprune.latency.time_round_robin: 5 rounds, a 0.5 s rest and 2 untimed runs before each turn), so
+    (polyprune.latency.time_round_robin: 5 rounds, a `latency_pause_s` rest and 2 untimed runs before each turn), so
     rows measured in one pass share the machine's load instead of whatever each minute brought."""
     import contextlib
     import tempfile
@@ -120,7 +120,9 @@ def measure_latencies_in_turns(
                                                          input_spec=input_spec_at(path, size)))  # fmt: skip
                     x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
                     calls.append(lambda p=p, x=x: p.predict_logits(x))
-                lats = time_round_robin(calls, runs=grid.latency_runs, warmup=grid.latency_warmup)
+                lats = time_round_robin(
+                    calls, runs=grid.latency_runs, warmup=grid.latency_warmup, pause_s=grid.latency_pause_s
+                )
             for rec, lat in zip(out, lats, strict=True):
                 rec[key] = {
                     **lat.to_dict(),
