@@ -7,7 +7,7 @@ val_dice         Dice@0.5 per image on the validation split carved from the pare
 test             polyprune.evaluate.evaluate_model on Kvasir-SEG (PraNet test ids, 100) and
                  CVC-ClinicDB (PraNet test ids, 62) and CVC-ColonDB (all 380, unseen): every metric of both protocols (Jha "dice" at
                  0.5; PraNet toolbox "mean_dice" over 256 thresholds), at GT resolution
-latency          polyprune.latency.onnxruntime_latency: static ONNX export at each size, batch 1,
+latency          measure_latencies_in_turns (polyprune.latency): static ONNX export at each size, batch 1,
                  `latency_threads` intra-op threads, `warmup` untimed runs, then median / p90 /
                  min of `runs` timed runs of the session call on a preprocessed input. Measured
                  once with the cell, then again for every model in one pass, timed in turns, when the
@@ -26,7 +26,6 @@ from grid import Grid
 from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
 from polyprune.io import load_model
-from polyprune.latency import onnxruntime_latency
 from polyprune.pruning import layer_widths
 from polyprune.validation import validation_dice
 
@@ -66,21 +65,8 @@ def measure_model(
 def measure_latency(path: Path, grid: Grid, calib: list[Path] | None = None) -> dict[str, Any]:
     """Latency of one model file, {key: stats}: ONNX Runtime fp32 at every size of the grid ("256", "352"),
     and at the largest size its static INT8 deployment ("int8_352", calibrated on `calib` images) and
-    OpenVINO's CPU default ("openvino_352"), timed back to back."""
-    from polyprune.io import load_model
-    from polyprune.latency import int8_latency, openvino_latency
-
-    out: dict[str, Any] = {}
-    common = {"runs": grid.latency_runs, "warmup": grid.latency_warmup, "threads": grid.latency_threads}
-    extra = {"threads": grid.latency_threads, "warmup": grid.latency_warmup}
-    for s in grid.latency_sizes:
-        out[str(s)] = {**onnxruntime_latency(path, s, **common).to_dict(), **extra}
-    s = grid.latency_sizes[-1]
-    if calib:
-        lat = int8_latency(load_model(path), s, calib, backend="onnxruntime", **common)
-        out[f"int8_{s}"] = {**lat.to_dict(), **extra, "calib_images": len(calib)}
-    out[f"openvino_{s}"] = {**openvino_latency(path, s, **common).to_dict(), **extra}
-    return out
+    OpenVINO's CPU default ("openvino_352")."""
+    return measure_latencies_in_turns([path], grid, calib)[0]
 
 
 def measure_latencies_in_turns(
@@ -92,11 +78,8 @@ def measure_latencies_in_turns(
     import contextlib
     import tempfile
 
-    import numpy as np
-
     from polyprune.export import export_onnx
-    from polyprune.latency import input_spec_at, time_round_robin
-    from polyprune.predictor import Predictor
+    from polyprune.latency import open_runtime, runtime_forward, time_round_robin
     from polyprune.quantize import quantize_onnx
 
     extra = {"threads": grid.latency_threads, "warmup": grid.latency_warmup, "timing": "round-robin"}
@@ -116,10 +99,10 @@ def measure_latencies_in_turns(
                         model_file = quantize_onnx(
                             fp32, Path(tmp) / f"{i}_int8.onnx", calib, min_agreement=0.0
                         ).path
-                    p = sessions.enter_context(Predictor(model_file, backend=backend, threads=grid.latency_threads,
-                                                         input_spec=input_spec_at(path, size)))  # fmt: skip
-                    x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
-                    calls.append(lambda p=p, x=x: p.predict_logits(x))
+                    p = sessions.enter_context(
+                        open_runtime(backend, model_file, size, threads=grid.latency_threads)
+                    )
+                    calls.append(runtime_forward(p, size))
                 lats = time_round_robin(
                     calls, runs=grid.latency_runs, warmup=grid.latency_warmup, pause_s=grid.latency_pause_s
                 )

@@ -523,11 +523,11 @@ def run_cell(b: Bench, cell: G.Cell) -> dict[str, Any]:
 
 
 def final_latency_pass(b: Bench, cells: list[G.Cell], force: bool = False) -> None:
-    """Every model's latency again, back to back, once the grid is complete.
+    """Every model's latency again, in one pass, once the grid is complete.
 
-    Cells are measured hours apart, and a shared machine's load changes in between; one pass at the end
-    puts every row under the same conditions, and within it the models are timed in turns. The first measurement stays in the record as
-    `latency_first`. A killed pass is redone whole (a few minutes), so the rows never mix passes."""
+    Cells are measured hours apart, and a shared machine's load changes in between; one pass at the end,
+    in which the models are timed in turns, puts every row under the same conditions. The first
+    measurement stays in the record as `latency_first`. A killed pass is redone whole (a few minutes), so the rows never mix passes."""
     folders = [parent_record_dir(b)] + [G.cell_dir(b.work, c) for c in cells]
     recs = {f: read_json(f / "done.json") for f in folders if G.is_done(f)}
     recs = {f: r for f, r in recs.items() if r.get("status") == "ok"}

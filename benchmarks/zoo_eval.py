@@ -20,15 +20,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from polyprune.benchmark import system_info
 from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
 from polyprune.export import export_onnx
 from polyprune.files import write_json
 from polyprune.io import load_model
-from polyprune.latency import time_round_robin
+from polyprune.latency import runtime_forward, time_round_robin
 from polyprune.predictor import Predictor
 
 DATA = Path(os.environ.get("POLYPRUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -52,9 +50,7 @@ def interleaved_latency(
 ) -> list[dict]:
     """Round-robin timing (polyprune.latency.time_round_robin): every model gets `runs` runs per round,
     `rounds` rounds, a 0.5 s pause and 2 untimed runs before each turn; median ms."""
-    preds = [Predictor(p, backend="onnxruntime", threads=threads) for p in onnx_files]
-    x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
-    calls = [lambda p=p: p.predict_logits(x) for p in preds]
+    calls = [runtime_forward(Predictor(p, backend="onnxruntime", threads=threads), size) for p in onnx_files]
     lats = time_round_robin(calls, runs=runs * rounds, warmup=5, rounds=rounds, pause_s=0.5, rewarm=2)
     return [{**lat.to_dict(), "n_runs": lat.runs} for lat in lats]
 

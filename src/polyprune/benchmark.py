@@ -2,9 +2,10 @@
 
 `benchmark_models` makes one row per model x size x backend: all rows are loaded first, then timed in
 turns. Peak memory there is the process's resident set size (RSS, /proc/self/statm) sampled every 5 ms
-from a helper thread while the model is loaded / the session is built and warmed up: `peak_rss_mb` is the largest sample and
-`peak_rss_delta_mb` that minus the RSS just before. It is approximate: memory freed by an earlier row
-and kept by the allocator is reused without showing up, so rows after the first can read low.
+from a helper thread while the model is loaded / the session is built and warmed up: `peak_rss_mb` is
+the largest sample and `peak_rss_delta_mb` that minus the RSS just before. It is approximate: memory
+freed by an earlier row and kept by the allocator is reused without showing up, so rows after the
+first can read low.
 """
 
 from __future__ import annotations
@@ -208,27 +209,14 @@ def _runner(
     backend: str, path: Path, onnx_path: Path, size: int, threads: int, open_runners: contextlib.ExitStack
 ) -> tuple[Callable[[], object], str]:
     """One batch-1 forward pass on `backend` as a call, and the backend's precision name."""
-    import numpy as np
-
     from polyprune.io import load_model
-    from polyprune.latency import input_spec_at
-    from polyprune.predictor import Predictor
+    from polyprune.latency import open_runtime, runtime_forward, torch_forward
 
     if backend == "torch":
         torch.set_num_threads(threads)
-        model = load_model(path).eval()
-        x = torch.randn(1, 3, size, size)
-
-        def forward() -> None:
-            with torch.inference_mode():
-                model(x)
-
-        return forward, "f32"
-    p = open_runners.enter_context(
-        Predictor(onnx_path, backend=backend, threads=threads, input_spec=input_spec_at(onnx_path, size))
-    )
-    arr = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
-    return (lambda: p.predict_logits(arr)), p.precision
+        return torch_forward(load_model(path), size), "f32"
+    p = open_runners.enter_context(open_runtime(backend, onnx_path, size, threads=threads))
+    return runtime_forward(p, size), p.precision
 
 
 def _check_benchmark_inputs(

@@ -113,7 +113,7 @@ def fit(
         raise ConfigError("the training set is empty")
     check_training_numbers(lr=lr, weight_decay=weight_decay, batch=batch, seed=seed, workers=workers)
     loss_fn = make_loss(loss)
-    _check_fit_options(warmup, distill, temperature, teacher, scales, ema)
+    _check_fit_options(warmup, distill, temperature, teacher, scales)
     world = dist_utils.world_size()
     model.to(dev)
     teacher = _prepare_teacher(teacher, dev) if distill > 0 else None
@@ -195,14 +195,8 @@ def _budget(epochs: int | None, iters: int | None, steps_per_epoch: int) -> tupl
 
 
 def _check_fit_options(
-    warmup: float,
-    distill: float,
-    temperature: float,
-    teacher: nn.Module | None,
-    scales: tuple[float, ...],
-    ema: float,
+    warmup: float, distill: float, temperature: float, teacher: nn.Module | None, scales: tuple[float, ...]
 ) -> None:
-    check_number("ema", ema, low=0, high=1, high_open=True)
     for v in scales:
         check_number("scales", v, low=0.25, high=4)
     check_number("distill", distill, low=0, high=100)

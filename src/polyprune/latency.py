@@ -11,12 +11,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from polyprune.io import InputSpec
+
+if TYPE_CHECKING:
+    from polyprune.predictor import Predictor
 
 
 @dataclass
@@ -110,6 +114,11 @@ def torch_latency(
     """Eager torch latency at batch 1 (eval, inference mode) on the model's device."""
     if threads:
         torch.set_num_threads(threads)
+    return time_callable(torch_forward(model, size), runs=runs, warmup=warmup)
+
+
+def torch_forward(model: nn.Module, size: int) -> Callable[[], None]:
+    """One eager batch-1 forward pass of `model` (eval, inference mode) on its device, as a call."""
     device = next(model.parameters()).device
     model.eval()
     x = torch.randn(1, 3, size, size, device=device)
@@ -120,7 +129,7 @@ def torch_latency(
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return time_callable(run, runs=runs, warmup=warmup)
+    return run
 
 
 # ---------------------------------------------------------------------------------------- runtimes
@@ -153,15 +162,30 @@ def runtime_latency(
     precision: str | None = None,
 ) -> tuple[Latency, str]:
     """Latency of `Predictor.predict_logits` at batch 1 and the runtime's precision name."""
+    with open_runtime(backend, model_or_path, size, threads=threads, precision=precision) as p:
+        lat = time_callable(runtime_forward(p, size), runs=runs, warmup=warmup)
+        return lat, p.precision
+
+
+def open_runtime(
+    backend: str,
+    model_or_path: str | Path | nn.Module,
+    size: int,
+    *,
+    threads: int | None,
+    precision: str | None = None,
+) -> Predictor:
+    """A Predictor on `backend` for batch-1 input at `size`, with the model's own preprocessing."""
     from polyprune.predictor import Predictor
 
     spec = input_spec_at(model_or_path, size)
-    with Predictor(
-        model_or_path, backend=backend, threads=threads, input_spec=spec, precision=precision
-    ) as p:
-        x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
-        lat = time_callable(lambda: p.predict_logits(x), runs=runs, warmup=warmup)
-        return lat, p.precision
+    return Predictor(model_or_path, backend=backend, threads=threads, input_spec=spec, precision=precision)
+
+
+def runtime_forward(predictor: Predictor, size: int) -> Callable[[], object]:
+    """One `predict_logits` call of `predictor` on a fixed random preprocessed batch-1 input."""
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+    return lambda: predictor.predict_logits(x)
 
 
 def onnxruntime_latency(
