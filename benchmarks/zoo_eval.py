@@ -10,6 +10,9 @@ rounds of `--runs` runs each, after a 0.5 s pause and 2 untimed runs at every sw
 idle pools spin, and 6 sessions of 2 threads on 2 cores slowed each other by up to 1.6x without it; the
 median over every timed run), so they share the machine's state.
 Works for .safetensors and .onnx files (an INT8 .onnx is scored and timed as it is deployed).
+`--tta MODE` scores with test-time augmentation (polyprune.tta; latency stays one plain forward pass).
+`--split val` scores the validation split instead (Kvasir-SEG and CVC-ClinicDB: the 10 % that `train`
+carves with `--seed`, test ids excluded): choose a setting such as `--tta` there, never on the tests.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from polyprune.benchmark import system_info
 from polyprune.counting import count_macs, count_params
 from polyprune.evaluate import evaluate_model
 from polyprune.export import export_onnx
-from polyprune.files import write_json
+from polyprune.files import atomic_write_text, write_json
 from polyprune.io import load_model
 from polyprune.latency import runtime_forward, time_round_robin
 from polyprune.predictor import Predictor
+from polyprune.train import split_folders
 
 DATA = Path(os.environ.get("POLYPRUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TESTS = {
@@ -37,10 +41,30 @@ TESTS = {
 }
 
 
-def score(path: Path, threads: int) -> dict:
+def val_sets(tmp: Path, seed: int, val_fraction: float = 0.1) -> dict[str, tuple[Path, Path]]:
+    """The validation ids `train` carves (polyprune.train.split_folders: the test ids excluded, then
+    `val_fraction` per folder with `seed`), written as id files."""
+    named = {name: test for name, test in TESTS.items() if test[1] is not None}  # ColonDB: never trained on
+    splits = split_folders(
+        [folder for folder, _ in named.values()],
+        exclude_ids_file=[ids for _, ids in named.values()],
+        val_fraction=val_fraction,
+        seed=seed,
+    )
     out = {}
-    for name, (folder, ids) in TESTS.items():
-        res = evaluate_model(path, [folder], ids_file=ids, backend="auto", threads=threads, progress=False)
+    for name, (folder, _) in named.items():
+        ids_file = tmp / f"{name}_val_ids.txt"
+        atomic_write_text(ids_file, "".join(f"{s.id}\n" for s in splits[folder].val))
+        out[f"{name}_val"] = (folder, ids_file)
+    return out
+
+
+def score(path: Path, threads: int, sets: dict | None = None, tta: str = "none") -> dict:
+    out = {}
+    for name, (folder, ids) in (sets or TESTS).items():
+        res = evaluate_model(
+            path, [folder], ids_file=ids, backend="auto", threads=threads, progress=False, tta=tta
+        )
         (out[name],) = (v for k, v in res.items() if not k.startswith("_"))
     return out
 
@@ -64,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=10, help="timed runs per round; 0: no latency (scores only)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-scores", action="store_true", help="latency only")
+    ap.add_argument("--tta", default="none", help="test-time augmentation: none | hflip | flips | d4")
+    ap.add_argument("--split", choices=("test", "val"), default="test")
+    ap.add_argument("--seed", type=int, default=0, help="--split val: the training run's seed")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="zoo-eval-") as tmp:
         return _run(args, Path(tmp))
@@ -71,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, tmp: Path) -> int:
     rows, onnx_files = [], []
+    sets = val_sets(tmp, args.seed) if args.split == "val" else TESTS
     for path in args.models:
         row: dict = {"model": str(path), "name": path.stem}
         if path.suffix == ".onnx":
@@ -80,10 +108,8 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
             row.update(params=count_params(m), macs_352=count_macs(m, args.size), arch=m.config()["name"])
             onnx_files.append(export_onnx(path, tmp / f"{len(rows)}_{path.stem}.onnx", size=args.size).path)
         if not args.no_scores:
-            row["test"] = score(path, args.threads)
-            t = row["test"]
-            print(f"{path}: Kvasir {t['kvasir']['dice']:.4f} ClinicDB {t['clinicdb']['dice']:.4f} "
-                  f"ColonDB {t['colondb']['dice']:.4f}", file=sys.stderr)  # fmt: skip
+            row[args.split] = t = score(path, args.threads, sets, args.tta)
+            print(f"{path}:", *(f"{k} {v['dice']:.4f}" for k, v in t.items()), file=sys.stderr)
         rows.append(row)
     lats = (
         interleaved_latency(onnx_files, args.size, args.threads, args.runs, args.rounds)
@@ -93,7 +119,8 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     for i, row in enumerate(rows):
         row["ort_latency_352"] = lats[i] if lats else None
         row["file_mb"] = Path(row["model"]).stat().st_size / 2**20
-    write_json(args.out, {"rows": rows, "system": system_info(), "threads": args.threads, "size": args.size})
+    meta = {"system": system_info(), "threads": args.threads, "size": args.size, "tta": args.tta}
+    write_json(args.out, {"rows": rows, **meta, "split": args.split, "seed": args.seed})
     for r in rows if lats else []:
         print(f"{r['name']}: {r['ort_latency_352']['median_ms']:.1f} ms ({r['ort_latency_352']['fps']:.1f} FPS)",
               file=sys.stderr)  # fmt: skip

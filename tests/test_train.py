@@ -9,7 +9,7 @@ from polyprune.errors import ConfigError, TrainingError
 from polyprune.fit import fit
 from polyprune.io import InputSpec, load_model
 from polyprune.models import build_model
-from polyprune.train import TrainConfig, make_datasets, train
+from polyprune.train import TrainConfig, make_datasets, split_folders, train
 from polyprune.validation import dice_per_image, validation_dice
 
 
@@ -191,3 +191,19 @@ def test_init_fine_tunes_a_trained_model_file(synth_dir, tmp_path):
     assert again["best_val_dice"] == pytest.approx(first["best_val_dice"], abs=0.05)  # it starts trained
     with pytest.raises(Exception, match="not found"):
         train(_cfg(synth_dir, tmp_path / "c", init=str(tmp_path / "nope.safetensors")))
+
+
+def test_split_folders_names_the_validation_images_training_uses(synth_dir, tmp_path):
+    """zoo_eval --split val scores the images `train` validated on: the same ids, test ids never among them."""
+    test_ids = tmp_path / "test.txt"
+    names = sorted(p.stem for p in (synth_dir / "images").iterdir())
+    test_ids.write_text("\n".join(names[:3]) + "\n")
+    (split,) = split_folders([synth_dir], exclude_ids_file=test_ids, val_fraction=0.25, seed=5).values()
+    _, val = make_datasets(
+        [synth_dir], InputSpec(size=32), exclude_ids_file=test_ids, val_fraction=0.25, seed=5
+    )
+    assert [s.id for s in split.val] == [s.id for s in val.samples] and split.val
+    assert {s.id for s in split.test} == set(names[:3])
+    assert not {s.id for s in split.train + split.val} & set(names[:3])
+    with pytest.raises(ConfigError, match="given twice"):
+        split_folders([synth_dir, synth_dir])

@@ -27,6 +27,14 @@ Overwrite = Annotated[
     bool, typer.Option(help="Clear a non-empty run folder first (without it, such a folder is refused).")
 ]
 Threads = Annotated[int | None, typer.Option(help="torch threads (default: all cores).")]
+Tta = Annotated[
+    str,
+    typer.Option(
+        "--tta",
+        help="Test-time augmentation: none | hflip | flips | d4 (logits averaged over 1 / 2 / 4 / 8 flipped "
+        "or turned views; each view is one more forward pass).",
+    ),
+]
 
 
 def echo_json(obj: object) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from polyprune.cli_app import JsonOut, Quiet, Seed, Threads, app, echo_json, emit_json, log_summary
+from polyprune.cli_app import JsonOut, Quiet, Seed, Threads, Tta, app, echo_json, emit_json, log_summary
 
 # ------------------------------------------------------------------------ export / benchmark / predict
 # (deploy helper)
@@ -172,6 +172,7 @@ def predict(
         str, typer.Option(help="auto (.onnx: onnxruntime, else torch) | torch | onnxruntime | openvino")
     ] = "auto",
     threads: Threads = None,
+    tta: Tta = "none",
     stream: Annotated[
         bool,
         typer.Option(
@@ -205,7 +206,7 @@ def predict(
         raise ConfigError("--show, --serve, --record, --max-frames and --duration are for live sources")
     if not live and out is None:
         raise ConfigError("--out is needed for an image, a folder or a video")
-    with Predictor(model, backend=backend, threads=threads) as predictor:
+    with Predictor(model, backend=backend, threads=threads, tta=tta) as predictor:
         if live:
             result = run_live(
                 predictor,

@@ -13,6 +13,7 @@ from polyprune.cli_app import (
     Quiet,
     Seed,
     Threads,
+    Tta,
     app,
     echo_json,
     emit_json,
@@ -196,6 +197,7 @@ def evaluate(
         str, typer.Option(help="auto (.onnx: onnxruntime) | torch | onnxruntime | openvino")
     ] = "auto",
     threads: Threads = None,
+    tta: Tta = "none",
     skip_bad: Annotated[
         bool, typer.Option(help="Skip unreadable pairs with a warning instead of failing.")
     ] = False,
@@ -213,6 +215,8 @@ def evaluate(
         raise ConfigError("give exactly one of --model FILE or --preds PRED_DIR")
     if preds is not None and save_preds is not None:
         raise ConfigError("--save-preds needs --model: with --preds the maps are already saved")
+    if preds is not None and tta != "none":
+        raise ConfigError("--tta needs --model: saved maps are scored as they are")
     if model is not None:
         results = evaluate_model(
             model,
@@ -224,6 +228,7 @@ def evaluate(
             out_dir=csv_dir,
             progress=not quiet,
             skip_bad=skip_bad,
+            tta=tta,
         )
     else:
         results = evaluate_predictions(

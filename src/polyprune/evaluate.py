@@ -168,13 +168,15 @@ def _resize_to(pred: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-def _predictor(model: Any, backend: str, threads: int | None) -> Any:
+def _predictor(model: Any, backend: str, threads: int | None, tta: str) -> Any:
     """A Predictor-like object (anything with `.predict(rgb) -> prob`), or one built from a path/module."""
     if callable(getattr(model, "predict", None)):
+        if tta != "none":
+            raise ConfigError("tta is set on the Predictor itself (Predictor(..., tta=...)), not here")
         return model
     from polyprune.predictor import Predictor  # here: scoring saved maps never needs the backends
 
-    return Predictor(model, backend=backend, threads=threads)
+    return Predictor(model, backend=backend, threads=threads, tta=tta)
 
 
 def _model_label(model: Any, predictor: Any) -> str:
@@ -194,16 +196,18 @@ def evaluate_model(
     out_dir: str | Path | None = None,
     progress: bool = True,
     skip_bad: bool = False,
+    tta: str = "none",
 ) -> EvalResults:
     """Run `model` on every image/mask pair of each dataset folder; one summary per dataset.
 
     `model`: a model file (.safetensors / .onnx), an nn.Module, or any object with
     `.predict(rgb_uint8) -> float (H, W) probabilities` (a `Predictor`). Returns `EvalResults`
     `{dataset folder name: {METRIC_KEYS..., n_images}}` with the run's context in `.meta`.
+    `tta` (`polyprune.tta`: none | hflip | flips | d4) averages the logits over flipped / turned views.
     """
     datasets = _datasets(data_dirs)
     ids = read_ids(ids_file) if ids_file is not None else None
-    predictor = _predictor(model, backend, threads)
+    predictor = _predictor(model, backend, threads, tta)
     label = _model_label(model, predictor)
     spec = getattr(predictor, "input_spec", None)
     results = EvalResults(
@@ -213,6 +217,7 @@ def evaluate_model(
             "backend": getattr(predictor, "backend", backend),
             "input_size": getattr(spec, "size", None),
             "threshold": 0.5,
+            "tta": getattr(predictor, "tta", "none"),
             "ids_file": str(ids_file) if ids_file is not None else None,
             "data": {name: str(root) for name, root in datasets},
             "save_preds": str(save_preds) if save_preds is not None else None,

@@ -117,7 +117,7 @@ def run_pipeline(
         t0 = time.perf_counter()
         x = predictor.preprocess(rgb)
         t1 = time.perf_counter()
-        logits = predictor.predict_logits(x[None])[0, 0]
+        logits = predictor.infer(x)  # the TTA views, if any, count as inference
         t2 = time.perf_counter()
         mask = to_mask(predictor.postprocess(logits, rgb.shape[:2]), threshold)
         vis = overlay(rgb, mask, color=(0, 255, 0))

@@ -3,6 +3,7 @@
     p = Predictor("model.onnx")                     # backend "auto": .onnx -> onnxruntime, else torch
     prob = p.predict(rgb_uint8)                     # float32 (H, W) in [0, 1] at the image's own size
     mask = p.predict_mask(rgb_uint8)                # uint8 (H, W) in {0, 255}: prob >= spec.threshold
+    Predictor("model.onnx", tta="hflip")            # logits averaged over the image and its mirror
     vis = overlay(rgb_uint8, mask)                  # RGB uint8: translucent fill + contour
 
 Backends:
@@ -38,6 +39,7 @@ from polyprune.data import preprocess_image
 from polyprune.errors import ConfigError, DataError, ModelFileError, one_line
 from polyprune.io import InputSpec, load_model
 from polyprune.quantize import INT8_KEY, warn_if_int8_saturates
+from polyprune.tta import check_tta, make_views, merge_views
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 
@@ -92,6 +94,8 @@ class Predictor:
     `input_spec` overrides the stored preprocessing (required for an .onnx file polyprune did not
     write). `device` applies to torch only.
     `precision` applies to openvino only ("f32" / "bf16"; None = OpenVINO's default for the CPU).
+    `tta`: test-time augmentation of `predict` / `infer` (`polyprune.tta`: none | hflip | flips | d4);
+    `predict_logits` always runs the batch as given.
     Raises ConfigError (unknown backend, backend/model mismatch, missing optional extra) and
     ModelFileError (unreadable or metadata-less model).
     """
@@ -105,7 +109,9 @@ class Predictor:
         device: str = "cpu",
         *,
         precision: str | None = None,
+        tta: str = "none",
     ) -> None:
+        self.tta = check_tta(tta)
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if threads is not None and threads < 1:
@@ -267,24 +273,30 @@ class Predictor:
         h, w = hw
         return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
 
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """(3, S, S) preprocessed -> (S, S) float32 logits, averaged over the `tta` views."""
+        if self.tta == "none":
+            return self.predict_logits(x[None])[0, 0]
+        return merge_views(self.predict_logits(make_views(x, self.tta))[:, 0], self.tta)
+
     def predict(self, image_rgb: np.ndarray) -> np.ndarray:
         """RGB uint8 (H, W, 3) -> float32 (H, W) probabilities in [0, 1]."""
         image_rgb = _as_rgb(image_rgb)
-        logits = self.predict_logits(self.preprocess(image_rgb)[None])[0, 0]
-        return self.postprocess(logits, image_rgb.shape[:2])
+        return self.postprocess(self.infer(self.preprocess(image_rgb)), image_rgb.shape[:2])
 
     def predict_mask(self, image_rgb: np.ndarray) -> np.ndarray:
         """RGB uint8 (H, W, 3) -> uint8 (H, W) mask in {0, 255}: probability >= the spec's threshold."""
         return to_mask(self.predict(image_rgb), self.input_spec.threshold)
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able summary: backend, source, threads, input spec, precision (openvino)."""
+        """JSON-able summary: backend, source, threads, input spec, precision (openvino), TTA mode."""
         return {
             "backend": self.backend,
             "model": self.source,
             "threads": self.threads,
             "input": self.input_spec.to_dict(),
             "precision": self.precision,
+            "tta": self.tta,
         }
 
     def close(self) -> None:
@@ -301,7 +313,8 @@ class Predictor:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Predictor({self.source!r}, backend={self.backend!r}, size={self.input_spec.size})"
+        tta = "" if self.tta == "none" else f", tta={self.tta!r}"
+        return f"Predictor({self.source!r}, backend={self.backend!r}, size={self.input_spec.size}{tta})"
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from polyprune.io import InputSpec, load_model, read_metadata, save_model
 from polyprune.losses import LOSSES
 from polyprune.progress import is_main_process, log
 
+if TYPE_CHECKING:
+    from polyprune.data import Split
+
 # ------------------------------------------------------------------------------------------- data
 
 
@@ -34,6 +37,47 @@ def _read_split_files(spec: str | Path | list | None) -> dict[str, list[str]]:
 
     files = spec if isinstance(spec, list) else [spec] if spec else []
     return {str(f): read_ids(f) for f in files}
+
+
+def split_folders(
+    data_dirs: list[str | Path],
+    *,
+    ids_file: str | Path | list | None = None,
+    exclude_ids_file: str | Path | list | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    skip_bad: bool = False,
+) -> dict[str | Path, Split]:
+    """{dataset folder: its train / val / test Split}, as `train` and `prune` carve them.
+
+    `exclude_ids_file` lists test ids (e.g. PraNet's split): they go to `test` and are never used. `ids_file`,
+    if given, restricts the pool to those ids. The validation split is carved from what remains, per
+    dataset folder, by a seeded shuffle: never from test data. (`benchmarks/zoo_eval.py --split val`
+    scores a model on the same validation images.)
+    """
+    from polyprune.data import find_samples, split_samples
+
+    if not data_dirs:
+        raise ConfigError("no --data folder given")
+    only_files, excluded_files = _read_split_files(ids_file), _read_split_files(exclude_ids_file)
+    only = {i for ids in only_files.values() for i in ids}
+    excluded = [i for ids in excluded_files.values() for i in ids]
+    resolved = [Path(d).resolve() for d in data_dirs]
+    twice = next((d for i, d in enumerate(data_dirs) if resolved[i] in resolved[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"dataset folder given twice: {twice} (its images would count double)")
+    found = {d: find_samples(d, skip_bad=skip_bad) for d in data_dirs}
+    _check_split_ids(found, only_files, excluded_files)
+    splits = {}
+    for d, samples in found.items():
+        if only:
+            samples = [s for s in samples if s.id in only]
+        present = {s.id for s in samples}
+        test_ids = [i for i in excluded if i in present]
+        splits[d] = split_samples(samples, test_ids=test_ids or None, val_fraction=val_fraction, seed=seed)
+        if not splits[d].train:
+            raise ConfigError(f"no training images left in {d} after the split")
+    return splits
 
 
 def make_datasets(
@@ -48,40 +92,22 @@ def make_datasets(
     skip_bad: bool = False,
     progress: bool = False,
 ) -> tuple[Dataset, Dataset]:
-    """Train (augmented) and validation datasets from one or more dataset folders.
-
-    `exclude_ids_file` lists test ids (e.g. PraNet's split): they are never used. `ids_file`, if
-    given, restricts the pool to those ids. The validation split is carved from what remains, per
-    dataset folder, by a seeded shuffle: never from test data.
-    """
-    from polyprune.data import SegmentationDataset, find_samples, split_samples
+    """Train (augmented) and validation datasets from one or more dataset folders (`split_folders`)."""
+    from polyprune.data import SegmentationDataset
 
     check_size(spec.size)
-    if not data_dirs:
-        raise ConfigError("no --data folder given")
-    only_files, excluded_files = _read_split_files(ids_file), _read_split_files(exclude_ids_file)
-    only = {i for ids in only_files.values() for i in ids}
-    excluded = [i for ids in excluded_files.values() for i in ids]
-    resolved = [Path(d).resolve() for d in data_dirs]
-    twice = next((d for i, d in enumerate(data_dirs) if resolved[i] in resolved[:i]), None)
-    if twice is not None:
-        raise ConfigError(f"dataset folder given twice: {twice} (its images would count double)")
-    found = {d: find_samples(d, skip_bad=skip_bad) for d in data_dirs}
-    _check_split_ids(found, only_files, excluded_files)
-    _check_data_memory(sum(len(v) for v in found.values()), spec.size)
+    splits = split_folders(
+        data_dirs,
+        ids_file=ids_file,
+        exclude_ids_file=exclude_ids_file,
+        val_fraction=val_fraction,
+        seed=seed,
+        skip_bad=skip_bad,
+    )
+    held = sum(len(sp.train) + len(sp.val) for sp in splits.values())  # test images are never loaded
+    _check_data_memory(held, spec.size)
     train_parts, val_parts = [], []
-    for d in data_dirs:
-        samples = found[d]
-        if only:
-            samples = [s for s in samples if s.id in only]
-        if excluded:
-            present = {s.id for s in samples}
-            test_ids = [i for i in excluded if i in present]
-        else:
-            test_ids = None
-        split = split_samples(samples, test_ids=test_ids or None, val_fraction=val_fraction, seed=seed)
-        if not split.train:
-            raise ConfigError(f"no training images left in {d} after the split")
+    for split in splits.values():
         train_parts.append(
             SegmentationDataset(split.train, spec, augment=augment, seed=seed, skip_bad=skip_bad)
         )
