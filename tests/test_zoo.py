@@ -43,7 +43,8 @@ def test_zoo_model_loads_runs_and_has_a_card(path):
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
 def test_zoo_model_still_scores_its_card_on_kvasir(path, shared_data, tmp_path):
     """The first 20 PraNet Kvasir test ids: Dice@0.5 within 0.05 of the card's full-split figure
-    (a broken file, preprocessing or resize path would fall far below)."""
+    (a broken file, preprocessing or resize path would fall far below), with `--tta hflip` too where the
+    card gives that figure."""
     card = json.loads(re.search(r"```json\n(.*?)\n```", path.with_suffix(".md").read_text(), re.S).group(1))
     ids = (shared_data / "splits" / "kvasir_pranet_test.txt").read_text().split()[:20]
     subset = tmp_path / "ids.txt"
@@ -51,3 +52,8 @@ def test_zoo_model_still_scores_its_card_on_kvasir(path, shared_data, tmp_path):
     res = evaluate_model(path, [shared_data / "Kvasir-SEG"], ids_file=subset, threads=1, progress=False)
     dice = res["Kvasir-SEG"]["dice"]
     assert dice >= card["kvasir_dice"] - 0.05, (dice, card["kvasir_dice"])
+    if "kvasir_dice_tta_hflip" in card:
+        res = evaluate_model(
+            path, [shared_data / "Kvasir-SEG"], ids_file=subset, threads=1, progress=False, tta="hflip"
+        )
+        assert res["Kvasir-SEG"]["dice"] >= card["kvasir_dice_tta_hflip"] - 0.05
