@@ -772,3 +772,19 @@ def test_real_cli_one_line_errors_and_warnings(data, model_file, tmp_path):
         real_cli("predict", "--model", model_file, "--source", broken, "--out", tmp_path / "o", "-q"), broken
     )
     assert_error(real_cli("train", "--data", data, "--out", tmp_path / "r2", "--size", 30, "-q"), "30")
+
+
+def test_teacher_tta_without_a_teacher_or_unknown(data, model_file, tmp_path, capsys):
+    from cli_helpers import train_args
+
+    assert_error(cli(capsys, *train_args(data, tmp_path / "r1", "--teacher-tta", "hflip")), "teacher")
+    assert_error(
+        cli(capsys, *train_args(data, tmp_path / "r2", "--teacher", model_file, "--distill", 1,
+                                "--teacher-tta", "spin")),
+        "spin",
+    )  # fmt: skip
+    assert_error(
+        cli(capsys, *train_args(data, tmp_path / "r3", "--teacher", tmp_path / "none.safetensors",
+                                "--distill", 1)),
+        "none.safetensors",
+    )  # fmt: skip

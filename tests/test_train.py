@@ -207,3 +207,31 @@ def test_split_folders_names_the_validation_images_training_uses(synth_dir, tmp_
     assert not {s.id for s in split.train + split.val} & set(names[:3])
     with pytest.raises(ConfigError, match="given twice"):
         split_folders([synth_dir, synth_dir])
+
+
+def test_train_distills_from_an_ensemble_of_files_with_tta(synth_dir, tmp_path):
+    """`train --teacher A --teacher B --teacher-tta hflip`: two files (one in TF scaling) whose mean
+    calls everything polyp pull the student's probabilities up; the run records both and the mode."""
+    from polyprune.io import save_model
+
+    files = []
+    for i, spec in enumerate([InputSpec(size=32), InputSpec(size=32, mean=(0.5,) * 3, std=(0.5,) * 3)]):
+        t = build_model("unet", base_width=4).eval()
+        with torch.no_grad():
+            t.head.weight.zero_()
+            t.head.bias.fill_(4.0)
+        files.append(str(save_model(tmp_path / f"t{i}.safetensors", t, input_spec=spec)))
+    # no validation: the last epoch is kept, not the one the labels like best
+    kw = dict(epochs=6, lr=1e-2, teacher=files, teacher_tta="hflip", distill=20.0, val_fraction=0.0)
+    summary = train(_cfg(synth_dir, tmp_path / "run", **kw))
+    cfg = json.loads((tmp_path / "run" / "history.json").read_text())["config"]
+    assert cfg["teacher"] == files and cfg["teacher_tta"] == "hflip"
+    spec = InputSpec(size=32)
+    tr, _ = make_datasets([synth_dir], spec, val_fraction=0.0, seed=3, augment=False)
+    x = torch.stack([tr[i][0] for i in range(8)])
+    with torch.no_grad():
+        assert float(torch.sigmoid(load_model(summary["model"])(x)).mean()) > 0.5
+    with pytest.raises(ConfigError, match="teacher"):
+        _cfg(synth_dir, tmp_path / "r2", teacher_tta="hflip")
+    with pytest.raises(ConfigError, match="TTA mode"):
+        _cfg(synth_dir, tmp_path / "r2", teacher=files, teacher_tta="spin", distill=1.0)

@@ -76,8 +76,14 @@ def train(
         ),
     ] = None,
     teacher: Annotated[
-        Path | None, typer.Option(help="A trained model file to distill from (with --distill W).")
+        list[Path] | None,
+        typer.Option(
+            help="A trained model file to distill from (with --distill W); repeat it: their mean logits."
+        ),
     ] = None,
+    teacher_tta: Annotated[
+        str, typer.Option(help="The teacher's test-time augmentation: none | hflip | flips | d4.")
+    ] = "none",
     distill: Annotated[float, typer.Option(help="Weight of the loss to the teacher's probabilities.")] = 0.0,
     ema: Annotated[
         float,
@@ -131,7 +137,8 @@ def train(
         warmup=warmup,
         scales=parse_floats("--scales", scales),
         init=str(init) if init else None,
-        teacher=str(teacher) if teacher else None,
+        teacher=[str(t) for t in teacher] if teacher else None,
+        teacher_tta=teacher_tta,
         distill=distill,
         ema=ema,
         epochs=epochs,

@@ -24,6 +24,8 @@ from polyprune.fit import check_training_numbers, fit
 from polyprune.io import InputSpec, load_model, read_metadata, save_model
 from polyprune.losses import LOSSES
 from polyprune.progress import is_main_process, log
+from polyprune.teacher import load_teacher
+from polyprune.tta import check_tta
 
 if TYPE_CHECKING:
     from polyprune.data import Split
@@ -193,7 +195,9 @@ class TrainConfig:
     warmup: float = 0.0  # share of all steps with a linear learning-rate warm-up before the cosine
     scales: list[float] = field(default_factory=list)  # multi-scale training, e.g. [0.75, 1, 1.25]
     init: str | None = None  # a trained model file to start from (fine-tuning) instead of a fresh model
-    teacher: str | None = None  # a model file to distill from (a from-scratch student gets the same help)
+    # model file(s) to distill from (several: their mean logits); a from-scratch student gets the same help
+    teacher: str | list[str] | None = None
+    teacher_tta: str = "none"  # the teacher's test-time augmentation (polyprune.tta), e.g. hflip
     distill: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off), e.g. 0.999
     epochs: int = 20
@@ -231,6 +235,9 @@ class TrainConfig:
         check_number("ema", self.ema, low=0, high=1, high_open=True)
         if self.distill > 0 and not self.teacher:
             raise ConfigError("distill needs a teacher model file")
+        check_tta(self.teacher_tta)
+        if self.teacher_tta != "none" and not self.teacher:
+            raise ConfigError("teacher_tta needs a teacher model file")
 
 
 def build_training_model(cfg: TrainConfig) -> nn.Module:
@@ -332,7 +339,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         desc="epoch",
         on_best=on_best,
         on_epoch=on_epoch,
-        teacher=load_model(cfg.teacher) if cfg.teacher else None,
+        teacher=load_teacher(cfg.teacher, spec, cfg.teacher_tta) if cfg.teacher else None,
         distill=cfg.distill,
         ema=cfg.ema,
     )
