@@ -53,6 +53,15 @@ def prune(
         float, typer.Option(help="Fine-tuning: weight of the loss to the unpruned parent's probabilities.")
     ] = 0.0,
     distill_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
+    teacher: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Distill from this model file instead of the parent; repeat it: their mean logits."
+        ),
+    ] = None,
+    teacher_tta: Annotated[
+        str, typer.Option(help="The teacher's test-time augmentation: none | hflip | flips | d4.")
+    ] = "none",
     cost: Annotated[
         str | None,
         typer.Option(
@@ -150,6 +159,8 @@ def prune(
         int8=int8,
         distill=distill,
         distill_temperature=distill_temperature,
+        teacher=[str(t) for t in teacher or []],
+        teacher_tta=teacher_tta,
         cost=cost,
         ignore=list(ignore or []),
         latency_runs=latency_runs,

@@ -11,6 +11,7 @@ from polyprune.errors import ConfigError
 from polyprune.pruning.engine import SCOPES, default_round_to
 from polyprune.pruning.importance import PRUNER_CRITERIA, REDUCES, SIGNALS, check_criterion
 from polyprune.pruning.metapruner import check_metapruner_options
+from polyprune.tta import check_tta
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 
@@ -53,6 +54,8 @@ class PruneConfig:
     loss: str = "bce-dice"
     distill: float = 0.0  # weight of the loss to the unpruned parent's probabilities while fine-tuning
     distill_temperature: float = 1.0
+    teacher: list[str] = field(default_factory=list)  # distill from these files instead (mean logits)
+    teacher_tta: str = "none"  # the teacher's test-time augmentation (polyprune.tta), e.g. hflip
     seed: int = 0
     threads: int | None = None
     device: str = "auto"
@@ -90,6 +93,9 @@ def check_config(cfg: PruneConfig) -> None:
     check_training_numbers(lr=cfg.lr, weight_decay=cfg.weight_decay, batch=cfg.batch, seed=cfg.seed)
     check_number("distill", cfg.distill, low=0, high=100)
     check_number("distill_temperature", cfg.distill_temperature, low=0, low_open=True, high=100)
+    check_tta(cfg.teacher_tta)
+    if (cfg.teacher or cfg.teacher_tta != "none") and cfg.distill <= 0:
+        raise ConfigError("--teacher / --teacher-tta need --distill W > 0")
     check_threads(cfg.threads)
     targets = {
         k: getattr(cfg, k)

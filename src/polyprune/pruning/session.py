@@ -21,6 +21,7 @@ from polyprune.files import write_json
 from polyprune.io import load_model, save_model
 from polyprune.progress import is_main_process
 from polyprune.pruning.config import PruneConfig, latency_function
+from polyprune.teacher import Teacher, load_teacher
 
 
 def measure_latency(
@@ -58,6 +59,14 @@ def _image_paths(ds: Any) -> list[Path]:
 class PruneSession:
     """What a prune run needs besides its trajectory: parent, data, device, and how to measure / save."""
 
+    def _teacher(self, parent: nn.Module) -> nn.Module:
+        if self.cfg.teacher:
+            return load_teacher(self.cfg.teacher, self.spec, self.cfg.teacher_tta)
+        twin = copy.deepcopy(parent).eval()  # the parent itself is pruned in place: distill from a copy
+        if self.cfg.teacher_tta == "none":
+            return twin
+        return Teacher([twin], [self.spec], self.spec, self.cfg.teacher_tta)
+
     def __init__(self, cfg: PruneConfig) -> None:
         from polyprune.device import resolve_device, set_threads
         from polyprune.train import make_datasets
@@ -72,8 +81,7 @@ class PruneSession:
         self.spec = self.meta.input
         self.size = cfg.size if cfg.size is not None else self.spec.size
         check_size(self.size, int(getattr(parent, "stride", 1)))
-        # the parent itself is pruned in place below: distillation needs an unpruned copy
-        self.teacher = copy.deepcopy(parent).eval() if cfg.distill > 0 else None
+        self.teacher = self._teacher(parent) if cfg.distill > 0 else None
         check_training_memory(copy.deepcopy(parent).to("meta"), self.spec.size, cfg.batch)
         # the parent's own train / val split (its training seed), so validation never scores images the
         # parent trained on; the run's seed drives calibration, random scores and fine-tuning
