@@ -27,6 +27,9 @@ Overwrite = Annotated[
     bool, typer.Option(help="Clear a non-empty run folder first (without it, such a folder is refused).")
 ]
 Threads = Annotated[int | None, typer.Option(help="torch threads (default: all cores).")]
+TeacherTta = Annotated[
+    str, typer.Option(help="The distillation teacher's test-time augmentation: none | hflip | flips | d4.")
+]
 Tta = Annotated[
     str,
     typer.Option(

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from polyprune.cli_app import JsonOut, Overwrite, Quiet, Seed, Threads, app, emit_json, log_summary
+from polyprune.cli_app import (
+    JsonOut,
+    Overwrite,
+    Quiet,
+    Seed,
+    TeacherTta,
+    Threads,
+    app,
+    emit_json,
+    log_summary,
+)
 
 # ------------------------------------------------------------------------------------------- prune
 # (pruning helper)
@@ -55,13 +65,9 @@ def prune(
     distill_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
     teacher: Annotated[
         list[Path] | None,
-        typer.Option(
-            help="Distill from this model file instead of the parent; repeat it: their mean logits."
-        ),
+        typer.Option(help="Distill from this model file instead of the parent (repeat: mean logits)."),
     ] = None,
-    teacher_tta: Annotated[
-        str, typer.Option(help="The teacher's test-time augmentation: none | hflip | flips | d4.")
-    ] = "none",
+    teacher_tta: TeacherTta = "none",
     cost: Annotated[
         str | None,
         typer.Option(

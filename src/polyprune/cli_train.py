@@ -12,6 +12,7 @@ from polyprune.cli_app import (
     Overwrite,
     Quiet,
     Seed,
+    TeacherTta,
     Threads,
     Tta,
     app,
@@ -77,13 +78,9 @@ def train(
     ] = None,
     teacher: Annotated[
         list[Path] | None,
-        typer.Option(
-            help="A trained model file to distill from (with --distill W); repeat it: their mean logits."
-        ),
+        typer.Option(help="Distill from this model file instead of the parent (repeat: mean logits)."),
     ] = None,
-    teacher_tta: Annotated[
-        str, typer.Option(help="The teacher's test-time augmentation: none | hflip | flips | d4.")
-    ] = "none",
+    teacher_tta: TeacherTta = "none",
     distill: Annotated[float, typer.Option(help="Weight of the loss to the teacher's probabilities.")] = 0.0,
     ema: Annotated[
         float,
