@@ -11,6 +11,8 @@ idle pools spin, and 6 sessions of 2 threads on 2 cores slowed each other by up 
 median over every timed run), so they share the machine's state.
 Works for .safetensors and .onnx files (an INT8 .onnx is scored and timed as it is deployed).
 `--tta MODE` scores with test-time augmentation (polyprune.tta; latency stays one plain forward pass).
+`--ensemble` adds a row for the mean logits of all the models given (what `train --teacher A --teacher B`
+distills from; with `--tta`, over its views too).
 `--split val` scores the validation split instead (Kvasir-SEG and CVC-ClinicDB: the 10 % that `train`
 carves with `--seed`, test ids excluded): choose a setting such as `--tta` there, never on the tests.
 """
@@ -22,6 +24,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from polyprune.benchmark import system_info
 from polyprune.counting import count_macs, count_params
@@ -59,12 +63,23 @@ def val_sets(tmp: Path, seed: int, val_fraction: float = 0.1) -> dict[str, tuple
     return out
 
 
-def score(path: Path, threads: int, sets: dict | None = None, tta: str = "none") -> dict:
+class MeanLogits:
+    """Predictor-like: each model's probabilities, averaged as logits (as polyprune.teacher does)."""
+
+    def __init__(self, paths: list[Path], threads: int, tta: str) -> None:
+        self.predictors = [Predictor(p, backend="auto", threads=threads, tta=tta) for p in paths]
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        probs = [np.clip(p.predict(rgb), 1e-7, 1 - 1e-7).astype(np.float64) for p in self.predictors]
+        logit = np.mean([np.log(q / (1 - q)) for q in probs], axis=0)
+        return (1 / (1 + np.exp(-logit))).astype(np.float32)
+
+
+def score(path: Path | MeanLogits, threads: int, sets: dict | None = None, tta: str = "none") -> dict:
     out = {}
     for name, (folder, ids) in (sets or TESTS).items():
-        res = evaluate_model(
-            path, [folder], ids_file=ids, backend="auto", threads=threads, progress=False, tta=tta
-        )
+        kw = {} if isinstance(path, MeanLogits) else dict(backend="auto", threads=threads, tta=tta)
+        res = evaluate_model(path, [folder], ids_file=ids, progress=False, **kw)
         (out[name],) = (v for k, v in res.items() if not k.startswith("_"))
     return out
 
@@ -89,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-scores", action="store_true", help="latency only")
     ap.add_argument("--tta", default="none", help="test-time augmentation: none | hflip | flips | d4")
+    ap.add_argument("--ensemble", action="store_true", help="also score the models' mean logits as one")
     ap.add_argument("--split", choices=("test", "val"), default="test")
     ap.add_argument("--seed", type=int, default=0, help="--split val: the training run's seed")
     args = ap.parse_args(argv)
@@ -111,6 +127,12 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
             row[args.split] = t = score(path, args.threads, sets, args.tta)
             print(f"{path}:", *(f"{k} {v['dice']:.4f}" for k, v in t.items()), file=sys.stderr)
         rows.append(row)
+    if args.ensemble and not args.no_scores:
+        t = score(MeanLogits(args.models, args.threads, args.tta), args.threads, sets)
+        print("ensemble:", *(f"{k} {v['dice']:.4f}" for k, v in t.items()), file=sys.stderr)
+        ensemble = {"models": [str(p) for p in args.models], "logits": "mean", args.split: t}
+    else:
+        ensemble = None
     lats = (
         interleaved_latency(onnx_files, args.size, args.threads, args.runs, args.rounds)
         if args.runs
@@ -120,7 +142,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
         row["ort_latency_352"] = lats[i] if lats else None
         row["file_mb"] = Path(row["model"]).stat().st_size / 2**20
     meta = {"system": system_info(), "threads": args.threads, "size": args.size, "tta": args.tta}
-    write_json(args.out, {"rows": rows, **meta, "split": args.split, "seed": args.seed})
+    write_json(args.out, {"rows": rows, "ensemble": ensemble, **meta, "split": args.split, "seed": args.seed})
     for r in rows if lats else []:
         print(f"{r['name']}: {r['ort_latency_352']['median_ms']:.1f} ms ({r['ort_latency_352']['fps']:.1f} FPS)",
               file=sys.stderr)  # fmt: skip

@@ -213,3 +213,26 @@ def test_drops_table_gives_points_lost_per_test_set_and_the_unseen_sets_ratio():
     md = report.drops_table([row("tgn-abs-loss", 0.87, 0.85, 0.71)], parent)
     line = md.splitlines()[-1]
     assert line == "| tgn-abs-loss | 50% | 2 | 2.0 ± 0.5 | 1.0 | 4.0 | 2.0x |"
+
+
+def test_zoo_eval_ensemble_averages_logits_like_the_teacher(model_file, tmp_path):
+    """`zoo_eval --ensemble` scores what `train --teacher A --teacher B` distills from: the mean logits."""
+    import numpy as np
+    import torch
+    import zoo_eval
+
+    from polyprune.io import InputSpec, save_model
+    from polyprune.models import build_model
+    from polyprune.predictor import Predictor
+    from polyprune.teacher import load_teacher
+
+    torch.manual_seed(1)
+    other = save_model(
+        tmp_path / "b.safetensors", build_model("unet", base_width=4), input_spec=InputSpec(size=32)
+    )
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    got = zoo_eval.MeanLogits([model_file, other], threads=1, tta="hflip").predict(rgb)
+    x = torch.from_numpy(Predictor(model_file, backend="torch").preprocess(rgb))[None]
+    with torch.no_grad():
+        want = torch.sigmoid(load_teacher([model_file, other], InputSpec(size=32), tta="hflip")(x))[0, 0]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
