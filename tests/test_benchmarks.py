@@ -219,8 +219,8 @@ def test_zoo_eval_ensemble_averages_logits_like_the_teacher(model_file, tmp_path
     """`zoo_eval --ensemble` scores what `train --teacher A --teacher B` distills from: the mean logits."""
     import numpy as np
     import torch
-    import zoo_eval
 
+    import zoo_eval
     from polyprune.io import InputSpec, save_model
     from polyprune.models import build_model
     from polyprune.predictor import Predictor
