@@ -78,7 +78,7 @@ def train(
     ] = None,
     teacher: Annotated[
         list[Path] | None,
-        typer.Option(help="Distill from this model file instead of the parent (repeat: mean logits)."),
+        typer.Option(help="A model file to distill from, with --distill W (repeat: mean logits)."),
     ] = None,
     teacher_tta: TeacherTta = "none",
     distill: Annotated[float, typer.Option(help="Weight of the loss to the teacher's probabilities.")] = 0.0,

@@ -70,19 +70,27 @@ class Teacher(nn.Module):
         return total / len(self.members)
 
 
+def teacher_of(
+    members: Sequence[nn.Module],
+    member_specs: Sequence[InputSpec],
+    student_spec: InputSpec,
+    tta: str = "none",
+) -> nn.Module:
+    """A `Teacher` of `members`, or the one member itself when it needs no wrapper (no TTA, and it shares
+    the student's preprocessing)."""
+    same = all((s.mean, s.std) == (student_spec.mean, student_spec.std) for s in member_specs)
+    if len(members) == 1 and check_tta(tta) == "none" and same:
+        return members[0]
+    return Teacher(members, member_specs, student_spec, tta)
+
+
 def load_teacher(
     paths: str | Path | Sequence[str | Path], student_spec: InputSpec, tta: str = "none"
 ) -> nn.Module:
-    """The teacher of `paths` (model files; several are averaged). One file without TTA is that model
-    itself, in the student's preprocessing if it shares it."""
+    """`teacher_of` the model files `paths` (several are averaged)."""
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     if not paths:
         raise ConfigError("a teacher needs at least one model file")
-    specs = [read_metadata(p).input for p in paths]
-    members = [load_model(p).eval() for p in paths]
-    same = all(
-        tuple(s.mean) == tuple(student_spec.mean) and tuple(s.std) == tuple(student_spec.std) for s in specs
+    return teacher_of(
+        [load_model(p).eval() for p in paths], [read_metadata(p).input for p in paths], student_spec, tta
     )
-    if len(members) == 1 and tta == "none" and same:
-        return members[0]
-    return Teacher(members, specs, student_spec, tta)

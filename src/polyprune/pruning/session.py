@@ -21,7 +21,7 @@ from polyprune.files import write_json
 from polyprune.io import load_model, save_model
 from polyprune.progress import is_main_process
 from polyprune.pruning.config import PruneConfig, latency_function
-from polyprune.teacher import Teacher, load_teacher
+from polyprune.teacher import load_teacher, teacher_of
 
 
 def measure_latency(
@@ -63,9 +63,7 @@ class PruneSession:
         if self.cfg.teacher:
             return load_teacher(self.cfg.teacher, self.spec, self.cfg.teacher_tta)
         twin = copy.deepcopy(parent).eval()  # the parent itself is pruned in place: distill from a copy
-        if self.cfg.teacher_tta == "none":
-            return twin
-        return Teacher([twin], [self.spec], self.spec, self.cfg.teacher_tta)
+        return teacher_of([twin], [self.spec], self.spec, self.cfg.teacher_tta)
 
     def __init__(self, cfg: PruneConfig) -> None:
         from polyprune.device import resolve_device, set_threads
