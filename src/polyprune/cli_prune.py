@@ -80,6 +80,14 @@ def prune(
         list[str] | None,
         typer.Option("--ignore", help="Layer never pruned, e.g. encoder.features.0 (repeatable)."),
     ] = None,
+    freeze: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--freeze",
+            help="Layer that fine-tuning leaves as it is: weights and BatchNorm statistics, e.g. encoder "
+            "with --ignore encoder (repeatable).",
+        ),
+    ] = None,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per latency measurement.")] = 20,
     step_ratio: Annotated[float, typer.Option(help="Share of the remaining filters removed per step.")] = 0.1,
     steps: Annotated[
@@ -169,6 +177,7 @@ def prune(
         teacher_tta=teacher_tta,
         cost=cost,
         ignore=list(ignore or []),
+        freeze=list(freeze or []),
         latency_runs=latency_runs,
         step_ratio=step_ratio,
         steps=steps,

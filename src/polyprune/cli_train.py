@@ -86,6 +86,12 @@ def train(
         float,
         typer.Option(help="Validate and keep an EMA of the weights with this decay, e.g. 0.999 (0: off)."),
     ] = 0.0,
+    freeze: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--freeze", help="Layer kept as it is (weights, BatchNorm statistics), e.g. encoder (repeatable)."
+        ),
+    ] = None,
     epochs: int = 20,
     batch: int = 8,
     lr: float = 1e-3,
@@ -138,6 +144,7 @@ def train(
         teacher_tta=teacher_tta,
         distill=distill,
         ema=ema,
+        freeze=list(freeze or []),
         epochs=epochs,
         batch=batch,
         lr=lr,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from polyprune.data import epoch_loader
 from polyprune.device import autocast, resolve_device, resolve_precision
 from polyprune.ema import WeightEMA
 from polyprune.errors import ConfigError, TrainingError
+from polyprune.freeze import FrozenLayers
 from polyprune.losses import distillation_loss, make_loss
 from polyprune.multiscale import MultiScale
 from polyprune.progress import is_main_process, log, progress_bar
@@ -92,6 +93,7 @@ def fit(
     temperature: float = 1.0,
     scales: tuple[float, ...] = (),
     ema: float = 0.0,
+    freeze: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Train `model` in place; at the end it holds the best-validation weights (last if no val set).
 
@@ -106,6 +108,9 @@ def fit(
     same sizes; validation stays at the data's size.
 
     `ema` (e.g. 0.999): validate, select and return an exponential moving average of the weights.
+
+    `freeze` (layer names, e.g. ["encoder"]): those layers keep their weights and BatchNorm statistics
+    (polyprune.freeze); they train again when fit returns.
     """
     dev = dist_utils.local_device(device if isinstance(device, torch.device) else resolve_device(device))
     prec = resolve_precision(precision, dev)
@@ -119,69 +124,65 @@ def fit(
     teacher = _prepare_teacher(teacher, dev) if distill > 0 else None
     if dev.type == "cpu":
         model.to(memory_format=torch.channels_last)  # oneDNN's fast path, 1.1-1.8x here
-    averager = WeightEMA(model, ema) if ema else None
-    selected = averager.module if averager else model  # what validation sees and fit keeps
-    epochs, total_steps = _budget(epochs, iters, max(1, math.ceil(len(train_ds) / (batch * world))))
-    net: nn.Module = model
-    if dist_utils.is_distributed():
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None
-        )
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    ckpt = Path(checkpoint_dir) / "last.safetensors" if checkpoint_dir else None
-    warmup_steps = int(warmup * total_steps)
-    # what fixes the learning-rate schedule and the batch order: a resume must not change it silently
-    schedule = {"total_steps": total_steps, "batch": batch, "lr": lr, "seed": seed, "world": world}
-    used = {"warmup_steps": warmup_steps, "scales": list(scales), "ema": ema}
-    schedule.update({k: v for k, v in used.items() if v})  # only when used: older checkpoints still resume
-    loop, best = _start_or_resume(ckpt if resume else None, model, opt, schedule, progress, averager)
-    history: list[dict[str, Any]] = loop["history"]
-    step = _Stepper(
-        net, opt, loss_fn, dev, prec, lr, total_steps, warmup_steps, teacher, distill, temperature
-    )
-    step.rescale = MultiScale(scales, int(getattr(model, "stride", 32)), seed) if scales else None
-    step.averager = averager
-
-    for epoch in range(loop["epoch"], epochs):
-        if loop["step"] >= total_steps:
-            break
-        loader = epoch_loader(train_ds, epoch, batch, seed, workers, world)
-        net.train()
-        t0 = time.perf_counter()
-        n_this_epoch = min(len(loader), total_steps - loop["step"])
-        with progress_bar(n_this_epoch, f"{desc} {epoch + 1}/{epochs}", enabled=progress) as bar:
-            step.epoch_start()
-            for x, y in loader:
-                if loop["step"] >= total_steps:
-                    break
-                loop["step"] = step(x, y, loop["step"], epoch, bar)
-            # DDP broadcast rank 0's BatchNorm statistics before each forward; each rank then updated
-            # its own copy on its last batch: make every rank's model identical again (rank 0's)
-            dist_utils.broadcast_buffers(model)
-            loss_sum, n_steps = step.epoch_loss(world)
-            val = (
-                validation_dice(selected, val_ds, batch=batch, device=dev, precision=prec)
-                if val_ds
-                else math.nan
+    frozen = FrozenLayers(model, freeze)  # before the optimizer: it holds only what trains
+    try:
+        averager = WeightEMA(model, ema) if ema else None
+        selected = averager.module if averager else model  # what validation sees and fit keeps
+        epochs, total_steps = _budget(epochs, iters, max(1, math.ceil(len(train_ds) / (batch * world))))
+        net: nn.Module = model
+        if dist_utils.is_distributed():
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None
             )
-            row = {
-                "epoch": epoch + 1,
-                "loss": loss_sum / max(1, n_steps),
-                "val_dice": val,
-                "lr": step.lr_now if n_steps else lr,
-                "seconds": time.perf_counter() - t0,
-                "steps": step.n_steps + step.skipped,  # optimizer steps taken (skipped ones count: budget)
-                "skipped_steps": step.skipped,
-            }
-            bar.set(loss=f"{row['loss']:.4f}", val_dice=f"{val:.4f}")
-        best = _end_of_epoch(
-            model, opt, row, loop, best, history, ckpt, f"{desc} {epoch + 1}/{epochs}", total_steps, progress,
-            on_best, on_epoch, averager,
-        )  # fmt: skip
-    if best is not None:
-        model.load_state_dict(best)
-    model.to(memory_format=torch.contiguous_format)
-    return history
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ConfigError(f"--freeze {' '.join(freeze)} leaves nothing to train")
+        opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+        ckpt = Path(checkpoint_dir) / "last.safetensors" if checkpoint_dir else None
+        warmup_steps = int(warmup * total_steps)
+        # what fixes the learning-rate schedule and the batch order: a resume must not change it silently
+        schedule = {"total_steps": total_steps, "batch": batch, "lr": lr, "seed": seed, "world": world}
+        used = {"warmup_steps": warmup_steps, "scales": list(scales), "ema": ema, "freeze": list(freeze)}
+        # only when used: older checkpoints still resume
+        schedule.update({k: v for k, v in used.items() if v})
+        loop, best = _start_or_resume(ckpt if resume else None, model, opt, schedule, progress, averager)
+        history: list[dict[str, Any]] = loop["history"]
+        step = _Stepper(
+            net, opt, loss_fn, dev, prec, lr, total_steps, warmup_steps, teacher, distill, temperature
+        )
+        step.rescale = MultiScale(scales, int(getattr(model, "stride", 32)), seed) if scales else None
+        step.averager = averager
+
+        for epoch in range(loop["epoch"], epochs):
+            if loop["step"] >= total_steps:
+                break
+            loader = epoch_loader(train_ds, epoch, batch, seed, workers, world)
+            net.train()
+            frozen.keep_in_eval()
+            t0 = time.perf_counter()
+            label = f"{desc} {epoch + 1}/{epochs}"
+            with progress_bar(min(len(loader), total_steps - loop["step"]), label, enabled=progress) as bar:
+                step.run_epoch(loader, loop, total_steps, epoch, bar)
+                # DDP broadcast rank 0's BatchNorm statistics before each forward; each rank then updated
+                # its own copy on its last batch: make every rank's model identical again (rank 0's)
+                dist_utils.broadcast_buffers(model)
+                val = (
+                    validation_dice(selected, val_ds, batch=batch, device=dev, precision=prec)
+                    if val_ds
+                    else math.nan
+                )
+                row = step.epoch_row(epoch, val, time.perf_counter() - t0)
+                bar.set(loss=f"{row['loss']:.4f}", val_dice=f"{val:.4f}")
+            best = _end_of_epoch(
+                model, opt, row, loop, best, history, ckpt, label, total_steps, progress, on_best, on_epoch,
+                averager,
+            )  # fmt: skip
+        if best is not None:
+            model.load_state_dict(best)
+        model.to(memory_format=torch.contiguous_format)
+        return history
+    finally:
+        frozen.thaw()
 
 
 def _budget(epochs: int | None, iters: int | None, steps_per_epoch: int) -> tuple[int, int]:
@@ -360,10 +361,26 @@ class _Stepper:
         bar.advance(loss=f"{self.loss_sum / self.n_steps:.4f}")
         return step + 1
 
-    def epoch_loss(self, world: int) -> tuple[float, int]:
-        """(loss sum, steps) of this epoch over all ranks' batches, not rank 0's alone."""
-        if world == 1:
-            return self.loss_sum, self.n_steps
-        tot = torch.tensor([self.loss_sum, self.n_steps], dtype=torch.float64)
-        tot = dist_utils.all_reduce_sum(tot)
-        return float(tot[0]), int(tot[1])
+    def run_epoch(self, loader: Any, loop: dict[str, Any], total_steps: int, epoch: int, bar: Any) -> None:
+        """One epoch's batches (fewer where the budget ends); `loop["step"]` counts them."""
+        self.epoch_start()
+        for x, y in loader:
+            if loop["step"] >= total_steps:
+                break
+            loop["step"] = self(x, y, loop["step"], epoch, bar)
+
+    def epoch_row(self, epoch: int, val: float, seconds: float) -> dict[str, Any]:
+        """The history row of the epoch just run; its loss is over all ranks' batches, not rank 0's."""
+        loss_sum, n_steps = self.loss_sum, self.n_steps
+        if self.world > 1:
+            tot = dist_utils.all_reduce_sum(torch.tensor([loss_sum, n_steps], dtype=torch.float64))
+            loss_sum, n_steps = float(tot[0]), int(tot[1])
+        return {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(1, n_steps),
+            "val_dice": val,
+            "lr": self.lr_now if n_steps else self.lr,
+            "seconds": seconds,
+            "steps": self.n_steps + self.skipped,  # optimizer steps taken (skipped ones count: budget)
+            "skipped_steps": self.skipped,
+        }

@@ -200,6 +200,7 @@ class TrainConfig:
     teacher_tta: str = "none"  # the teacher's test-time augmentation (polyprune.tta), e.g. hflip
     distill: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off), e.g. 0.999
+    freeze: list[str] = field(default_factory=list)  # layers trained as they are, e.g. ["encoder"]
     epochs: int = 20
     batch: int = 8
     lr: float = 1e-3
@@ -342,6 +343,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         teacher=load_teacher(cfg.teacher, spec, cfg.teacher_tta) if cfg.teacher else None,
         distill=cfg.distill,
         ema=cfg.ema,
+        freeze=cfg.freeze,
     )
     best_row = max(
         (r for r in history if not math.isnan(r["val_dice"])), key=lambda r: r["val_dice"], default=None

@@ -47,6 +47,7 @@ class PruneConfig:
     # none | macs | params | latency: rank importance per MAC (param, ms) saved; None: default_cost(criterion)
     cost: str | None = None
     ignore: list[str] = field(default_factory=list)  # layer names never pruned (e.g. a pretrained stem)
+    freeze: list[str] = field(default_factory=list)  # layer names fine-tuning leaves as they are
     max_steps: int = 100
     batch: int = 8
     lr: float = 1e-4

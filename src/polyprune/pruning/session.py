@@ -18,6 +18,7 @@ from polyprune.checks import check_size
 from polyprune.counting import check_training_memory, count_macs, count_params
 from polyprune.errors import ConfigError
 from polyprune.files import write_json
+from polyprune.freeze import check_layer_names
 from polyprune.io import load_model, save_model
 from polyprune.progress import is_main_process
 from polyprune.pruning.config import PruneConfig, latency_function
@@ -77,6 +78,8 @@ class PruneSession:
         parent = load_model(cfg.model)
         self.meta = parent.polyprune_meta  # type: ignore[attr-defined]
         self.spec = self.meta.input
+        check_layer_names(parent, cfg.ignore, "--ignore")
+        check_layer_names(parent, cfg.freeze, "--freeze")
         self.size = cfg.size if cfg.size is not None else self.spec.size
         check_size(self.size, int(getattr(parent, "stride", 1)))
         self.teacher = self._teacher(parent) if cfg.distill > 0 else None
@@ -170,6 +173,7 @@ class PruneSession:
             teacher=self.teacher,
             distill=self.cfg.distill,
             temperature=self.cfg.distill_temperature,
+            freeze=self.cfg.freeze,
             **kw,
         )
         return sum(int(r.get("steps", 0)) for r in history)
