@@ -88,6 +88,13 @@ def prune(
             "with --ignore encoder (repeatable).",
         ),
     ] = None,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            help="At the end, fit one logit scale on validation (temperature scaling) and fold it into the "
+            "output conv: masks at 0.5 stay, probabilities get calibrated (MAE, heat maps, mDice)."
+        ),
+    ] = True,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per latency measurement.")] = 20,
     step_ratio: Annotated[float, typer.Option(help="Share of the remaining filters removed per step.")] = 0.1,
     steps: Annotated[
@@ -178,6 +185,7 @@ def prune(
         cost=cost,
         ignore=list(ignore or []),
         freeze=list(freeze or []),
+        calibrate=calibrate,
         latency_runs=latency_runs,
         step_ratio=step_ratio,
         steps=steps,

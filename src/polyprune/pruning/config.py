@@ -48,6 +48,7 @@ class PruneConfig:
     cost: str | None = None
     ignore: list[str] = field(default_factory=list)  # layer names never pruned (e.g. a pretrained stem)
     freeze: list[str] = field(default_factory=list)  # layer names fine-tuning leaves as they are
+    calibrate: bool = True  # fit the output's logit scale on validation at the end (polyprune.calibration)
     max_steps: int = 100
     batch: int = 8
     lr: float = 1e-4

@@ -299,6 +299,8 @@ def _final_finetune(cfg: PruneConfig, run: PruneSession, traj: dict[str, Any]) -
         "val_dice": run.dice(model),
         "widths": layer_widths(model),
     }
+    if cfg.calibrate:
+        final["calibration"] = run.calibrate(model)
     traj.update(final=final, state="done", budget=budget_spent(traj, spent))
     run.save(run.out / "model.safetensors", model, traj, history, final_step)
     run.write_trajectory(traj)

@@ -20,7 +20,7 @@ from polyprune.errors import ConfigError
 from polyprune.files import write_json
 from polyprune.freeze import check_layer_names
 from polyprune.io import load_model, save_model
-from polyprune.progress import is_main_process
+from polyprune.progress import is_main_process, log
 from polyprune.pruning.config import PruneConfig, latency_function
 from polyprune.teacher import load_teacher, teacher_of
 
@@ -149,6 +149,24 @@ class PruneSession:
             model, self.val_ds, batch=self.cfg.batch, device=self.device, precision=self.cfg.precision
         )
 
+    def calibrate(self, model: nn.Module) -> dict[str, Any] | None:
+        """The logit scale fitted on validation, folded into the output conv (polyprune.calibration);
+        None where it does not apply (no output conv, no validation split, a threshold other than 0.5)."""
+        from polyprune.calibration import calibrate_output_scale
+
+        if self.spec.threshold != 0.5:  # scaling keeps the masks only where the threshold is logit 0
+            return None
+        result = calibrate_output_scale(
+            model, self.val_ds, batch=self.cfg.batch, device=self.device, precision=self.cfg.precision
+        )
+        if result is not None:
+            log(
+                f"calibrated the output: logits x {result['logit_scale']:.3f} (val BCE "
+                f"{result['val_bce_before']:.4f} -> {result['val_bce_after']:.4f}; masks at 0.5 unchanged)",
+                enabled=self.cfg.progress,
+            )
+        return result
+
     def finetune(
         self, model: nn.Module, *, epochs: int | None, iters: int | None, seed: int, desc: str, **kw: Any
     ) -> int:
@@ -194,18 +212,21 @@ class PruneSession:
     def save(self, path: Path, model: nn.Module, traj: dict[str, Any], history: list, upto: int) -> None:
         if not is_main_process():
             return
+        pruning = {
+            "criterion": self.cfg.criterion,
+            "options": traj["options"],
+            "steps": [_short_row(r) for r in traj["steps"][1 : upto + 1]],
+            "history": history,
+        }
+        if (traj.get("final") or {}).get("calibration"):  # the final model's logit scale
+            pruning["calibration"] = traj["final"]["calibration"]
         save_model(
             path,
             model,
             input_spec=self.spec,
             parent=traj["parent"],
             train={"parent": self.meta.train, "finetune": traj["finetune"]},
-            pruning={
-                "criterion": self.cfg.criterion,
-                "options": traj["options"],
-                "steps": [_short_row(r) for r in traj["steps"][1 : upto + 1]],
-                "history": history,
-            },
+            pruning=pruning,
         )
 
     def write_trajectory(self, traj: dict[str, Any]) -> None:
