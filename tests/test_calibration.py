@@ -43,6 +43,19 @@ def test_calibration_keeps_every_mask_and_scales_the_head(synth_dir):
     assert torch.equal(z1 > 0, z0 > 0)  # the masks at 0.5
 
 
+def test_an_over_confident_network_is_left_as_it_is(synth_dir):
+    _, val = make_datasets([synth_dir], InputSpec(size=32), seed=0, augment=False)
+    torch.manual_seed(0)
+    model = build_model("unet", base_width=4).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(1000.0)  # logits far too large for an untrained network
+        model.head.bias.mul_(1000.0)
+    w0 = model.head.weight.detach().clone()
+    result = calibrate_output_scale(model, val, device="cpu", precision="fp32")
+    assert result["logit_scale"] == 1.0 and result["fitted_scale"] < 1.0
+    assert torch.equal(model.head.weight, w0)
+
+
 def test_a_network_without_an_output_conv_or_a_validation_set_is_left_alone(synth_dir):
     _, val = make_datasets([synth_dir], InputSpec(size=32), seed=0, augment=False)
     assert calibrate_output_scale(nn.Sequential(nn.Conv2d(3, 1, 1)), val, device="cpu") is None
