@@ -3,9 +3,11 @@ with empty ground truth and empty prediction scores 1), sharded over ranks under
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from polyprune import distributed as dist_utils
 from polyprune.device import autocast, resolve_device, resolve_precision
@@ -18,6 +20,25 @@ def dice_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter = (pred * t).sum(1)
     denom = pred.sum(1) + t.sum(1)
     return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
+
+
+@torch.no_grad()
+def batch_logits(
+    model: nn.Module, ds: Dataset, *, batch: int, device: torch.device, precision: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, masks) per batch of `ds` on `device`, the model in eval mode (restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in DataLoader(ds, batch_size=batch, shuffle=False):
+            x, y = x.to(device), y.to(device)
+            if device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                logits = model(x)
+            yield logits, y
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -35,20 +56,11 @@ def validation_dice(
     n = len(val_ds)
     if n == 0:
         return float("nan")
-    indices = list(range(dist_utils.rank(), n, dist_utils.world_size()))
-    loader = DataLoader(torch.utils.data.Subset(val_ds, indices), batch_size=batch, shuffle=False)
-    was_training = model.training
-    model.eval()
+    shard = Subset(val_ds, list(range(dist_utils.rank(), n, dist_utils.world_size())))
     total = torch.zeros(2, dtype=torch.float64, device=dev)
-    for x, y in loader:
-        x, y = x.to(dev), y.to(dev)
-        if dev.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(dev, prec):
-            logits = model(x)
+    for logits, y in batch_logits(model, shard, batch=batch, device=dev, precision=prec):
         d = dice_per_image(logits, y)
         total[0] += d.sum().double()
         total[1] += d.numel()
-    model.train(was_training)
     dist_utils.all_reduce_sum(total)
     return float(total[0] / total[1])

@@ -159,7 +159,13 @@ class PruneSession:
         result = calibrate_output_scale(
             model, self.val_ds, batch=self.cfg.batch, device=self.device, precision=self.cfg.precision
         )
-        if result is not None:
+        if result is not None and "fitted_scale" in result:
+            log(
+                f"calibration: left the output as it is (validation fits logits x "
+                f"{result['fitted_scale']:.3f}, not under-confident)",
+                enabled=self.cfg.progress,
+            )
+        elif result is not None:
             log(
                 f"calibrated the output: logits x {result['logit_scale']:.3f} (val BCE "
                 f"{result['val_bce_before']:.4f} -> {result['val_bce_after']:.4f}; masks at 0.5 unchanged)",
