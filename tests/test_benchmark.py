@@ -17,7 +17,7 @@ from polyprune.models import build_model
 
 SIZE = 32
 ROW_KEYS = {
-    "model", "name", "backend", "precision", "size", "threads", "params", "macs", "median_ms", "p90_ms",
+    "model", "name", "backend", "precision", "size", "threads", "tta", "params", "macs", "median_ms", "p90_ms",
     "min_ms", "runs", "fps", "file_mb", "peak_rss_mb", "peak_rss_delta_mb", "speedup", "params_ratio", "macs_ratio",
 }  # fmt: skip
 
@@ -120,6 +120,27 @@ def test_benchmark_user_errors(models):
     assert resolve_backends("all")[:2] == ["torch", "onnxruntime"]
 
 
+def test_benchmark_tta_times_every_view_on_every_backend(models, monkeypatch):
+    from polyprune.predictor import Predictor
+
+    batches = []
+    real = Predictor.predict_logits
+
+    def spy(self, batch):
+        batches.append(len(batch))
+        return real(self, batch)
+
+    monkeypatch.setattr(Predictor, "predict_logits", spy)
+    rows = benchmark_models(
+        [models[0]], sizes=[SIZE], backends=["torch", "onnxruntime"], runs=2, warmup=1, pause_s=0, tta="flips"
+    )
+    assert [(r["backend"], r["tta"]) for r in rows] == [("torch", "flips"), ("onnxruntime", "flips")]
+    assert batches and set(batches) == {4}  # every timed call ran the 4 views as one batch
+    assert len(batches) >= 2 * (1 + 2)  # at least warm-up + timed runs, both backends
+    with pytest.raises(ConfigError, match="unknown TTA mode"):
+        benchmark_models([models[0]], sizes=[SIZE], backends="torch", tta="rot")
+
+
 def test_peak_rss_sees_an_allocation():
     with PeakRSS() as mem:
         block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
@@ -139,6 +160,9 @@ def test_cli_benchmark(models, tmp_path):
     doc = json.loads(out.read_text())
     assert len(doc["rows"]) == 2 and set(doc["rows"][0]) == ROW_KEYS and doc["system"]["cores"] >= 1
     assert "speed-up" in res.output and "pruned" in res.output
+    res = CliRunner().invoke(app, [*args, "--backend", "torch", "--runs", "1", "--tta", "hflip", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "TTA hflip: 2 views" in res.output
 
 
 def test_model_labels_tell_run_folders_apart():

@@ -26,6 +26,7 @@ from polyprune.checks import check_int, check_number, check_size, check_threads
 from polyprune.counting import count_macs, count_params
 from polyprune.errors import ConfigError
 from polyprune.latency import time_round_robin
+from polyprune.tta import TTA_VIEWS, check_tta
 
 # ---------------------------------------------------------------------------------------- benchmark
 
@@ -113,6 +114,7 @@ def benchmark_models(
     rounds: int = 5,
     pause_s: float = 0.5,
     progress: bool = False,
+    tta: str = "none",
 ) -> list[dict[str, Any]]:
     """One row per model x size x backend: params, MACs, latency, FPS, peak memory, ratios to models[0].
 
@@ -121,16 +123,19 @@ def benchmark_models(
     backend. Sizes must be multiples of the model's stride; None: a static .onnx at its own size, the rest at
     352. Every row is loaded and warmed up first, then all are timed in turns (`latency.time_round_robin`:
     `rounds` rounds, a `pause_s` pause before each model's turn), so the speed-ups compare models under
-    the same machine load.
+    the same machine load. `tta` other than "none" times one frame's whole test-time augmentation
+    (`polyprune.tta`: the views made, run as one batch, turned back and averaged) on every backend, torch
+    included, through `Predictor.infer`: what `predict --tta` / `evaluate --tta` cost per frame.
 
     Row keys: model, name (file stem; file name where two models share a stem), backend, precision,
-    size, threads, params, macs, median_ms, p90_ms, min_ms, runs, fps (= 1000 / median_ms),
+    size, threads, tta, params, macs, median_ms, p90_ms, min_ms, runs, fps (= 1000 / median_ms),
     peak_rss_mb, peak_rss_delta_mb, speedup (median of the first model's row with the same backend and
     size / this median), params_ratio, macs_ratio (this / first).
     params / macs are None for an .onnx file without polyprune architecture metadata.
     """
     from polyprune.progress import progress_bar
 
+    check_tta(tta)
     names = resolve_backends(backends)
     threads = threads or torch.get_num_threads()
     paths = [Path(m) for m in models]
@@ -146,7 +151,7 @@ def benchmark_models(
         with progress_bar(total=None, desc="benchmark: load", enabled=progress) as bar:
             for k, path in enumerate(paths):
                 for row, call in _load_rows(
-                    path, labels[k], k, names, sizes, threads, warmup, Path(tmp), open_runners
+                    path, labels[k], k, names, sizes, threads, warmup, Path(tmp), open_runners, tta
                 ):
                     rows.append(row)
                     calls.append(call)
@@ -171,6 +176,7 @@ def _load_rows(
     warmup: int,
     tmp: Path,
     open_runners: contextlib.ExitStack,
+    tta: str,
 ) -> Iterator[tuple[dict[str, Any], Callable[[], object]]]:
     """(row without timings, a warmed-up call of one forward pass) for each size x backend of `path`; peak
     memory is sampled while the model is loaded / the session is built and warmed up."""
@@ -191,12 +197,12 @@ def _load_rows(
             if backend == "torch" and is_onnx:
                 continue
             with PeakRSS() as mem:
-                call, precision = _runner(backend, path, onnx_path, size, threads, open_runners)
+                call, precision = _runner(backend, path, onnx_path, size, threads, open_runners, tta)
                 for _ in range(warmup):
                     call()
             row = {
                 "model": str(path), "name": label, "backend": backend, "precision": precision, "size": size,
-                "threads": threads,
+                "threads": threads, "tta": tta,
                 "params": count_params(ref) if ref is not None else None,
                 "macs": count_macs(ref, size) if ref is not None else None,
                 "file_mb": path.stat().st_size / 2**20,  # what a deployment ships
@@ -206,17 +212,26 @@ def _load_rows(
 
 
 def _runner(
-    backend: str, path: Path, onnx_path: Path, size: int, threads: int, open_runners: contextlib.ExitStack
+    backend: str,
+    path: Path,
+    onnx_path: Path,
+    size: int,
+    threads: int,
+    open_runners: contextlib.ExitStack,
+    tta: str = "none",
 ) -> tuple[Callable[[], object], str]:
-    """One batch-1 forward pass on `backend` as a call, and the backend's precision name."""
+    """One frame's forward pass (batch 1; with `tta`, all its views) on `backend` as a call, and the
+    backend's precision name."""
     from polyprune.io import load_model
-    from polyprune.latency import open_runtime, runtime_forward, torch_forward
+    from polyprune.latency import open_runtime, runtime_forward, runtime_infer, torch_forward
 
     if backend == "torch":
         torch.set_num_threads(threads)
-        return torch_forward(load_model(path), size), "f32"
-    p = open_runners.enter_context(open_runtime(backend, onnx_path, size, threads=threads))
-    return runtime_forward(p, size), p.precision
+        if tta == "none":  # the bare module, as before: no Predictor around it
+            return torch_forward(load_model(path), size), "f32"
+    source = path if backend == "torch" else onnx_path
+    p = open_runners.enter_context(open_runtime(backend, source, size, threads=threads, tta=tta))
+    return (runtime_forward(p, size) if tta == "none" else runtime_infer(p, size)), p.precision
 
 
 def _check_benchmark_inputs(
@@ -303,7 +318,11 @@ def benchmark_table(rows: list[dict[str, Any]]) -> Any:
     """A rich Table of `benchmark_models` rows (speed-up and ratio columns against the first model)."""
     from rich.table import Table
 
-    table = Table(title="latency at batch 1 (ms)", header_style="bold")
+    title = "latency at batch 1 (ms)"
+    tta = rows[0].get("tta", "none") if rows else "none"
+    if tta != "none":
+        title = f"latency per frame (ms) with TTA {tta}: {len(TTA_VIEWS[tta])} views each"
+    table = Table(title=title, header_style="bold")
     for col in ("model", "backend", "prec", "size", "params", "GMACs", "median", "p90", "min", "FPS"):
         table.add_column(col, justify="left" if col in ("model", "backend", "prec") else "right")
     for col in ("file MB", "mem +MB", "speed-up", "params x", "MACs x"):

@@ -116,6 +116,7 @@ def benchmark(
         str | None,
         typer.Option("--json", metavar="OUT", help="Write rows + system info as JSON to OUT ('-': stdout)."),
     ] = None,
+    tta: Tta = "none",
     quiet: Quiet = False,
 ) -> None:
     """Params, MACs, latency (median / p90 / min), FPS and peak memory per model x backend x size."""
@@ -135,6 +136,7 @@ def benchmark(
         rounds=rounds,
         pause_s=pause,
         progress=not quiet,
+        tta=tta,
     )
     doc = {"rows": rows, "system": system_info()}
     if json_path == "-":

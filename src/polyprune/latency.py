@@ -174,18 +174,28 @@ def open_runtime(
     *,
     threads: int | None,
     precision: str | None = None,
+    tta: str = "none",
 ) -> Predictor:
     """A Predictor on `backend` for batch-1 input at `size`, with the model's own preprocessing."""
     from polyprune.predictor import Predictor
 
     spec = input_spec_at(model_or_path, size)
-    return Predictor(model_or_path, backend=backend, threads=threads, input_spec=spec, precision=precision)
+    return Predictor(
+        model_or_path, backend=backend, threads=threads, input_spec=spec, precision=precision, tta=tta
+    )
 
 
 def runtime_forward(predictor: Predictor, size: int) -> Callable[[], object]:
     """One `predict_logits` call of `predictor` on a fixed random preprocessed batch-1 input."""
     x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
     return lambda: predictor.predict_logits(x)
+
+
+def runtime_infer(predictor: Predictor, size: int) -> Callable[[], object]:
+    """One `infer` call of `predictor` (all its TTA views, turned back and averaged) on a fixed random
+    preprocessed input."""
+    x = np.random.default_rng(0).standard_normal((3, size, size), dtype=np.float32)
+    return lambda: predictor.infer(x)
 
 
 def onnxruntime_latency(
