@@ -223,7 +223,7 @@ def _runner(
     """One frame's forward pass (batch 1; with `tta`, all its views) on `backend` as a call, and the
     backend's precision name."""
     from polyprune.io import load_model
-    from polyprune.latency import open_runtime, runtime_forward, runtime_infer, torch_forward
+    from polyprune.latency import open_runtime, runtime_infer, torch_forward
 
     if backend == "torch":
         torch.set_num_threads(threads)
@@ -231,7 +231,7 @@ def _runner(
             return torch_forward(load_model(path), size), "f32"
     source = path if backend == "torch" else onnx_path
     p = open_runners.enter_context(open_runtime(backend, source, size, threads=threads, tta=tta))
-    return (runtime_forward(p, size) if tta == "none" else runtime_infer(p, size)), p.precision
+    return runtime_infer(p, size), p.precision  # tta "none": one batch-1 predict_logits call
 
 
 def _check_benchmark_inputs(
