@@ -239,6 +239,20 @@ def test_size_in_prune_and_benchmark(size, data, model_file, tmp_path, capsys):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--decoder-widths", "8,x,16,32"], "8,x,16,32"),  # not whole numbers
+        (["--decoder-widths", "8,16"], "decoder_widths"),  # encoder UNets take 4 (s2..s16)
+        (["--arch", "unet", "--decoder-widths", "8,16,32,64"], "decoder_widths"),  # unet takes --width
+        (["--scales", "1,big"], "1,big"),
+    ],
+)
+def test_bad_width_and_scale_lists_in_train(extra, named, data, tmp_path, capsys):
+    extra = extra if "unet" in extra else ["--arch", "unet-mobilenetv2", "--no-pretrained", *extra]
+    assert_error(cli(capsys, *train_args(data, tmp_path / "run", *extra)), named)
+
+
 # ---------------------------------------------------------------------------------------- model files
 
 

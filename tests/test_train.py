@@ -140,6 +140,37 @@ def test_encoder_unet_trains_saves_and_reloads(synth_dir, tmp_path, arch):
         train(_cfg(synth_dir, tmp_path / "run48", arch=arch, pretrained=False, size=48))
 
 
+def test_decoder_widths_make_a_wider_decoder_and_only_for_encoder_unets(synth_dir, tmp_path):
+    """--decoder-widths reaches the model (and its file); the plain unet refuses it instead of ignoring it."""
+    train(
+        _cfg(
+            synth_dir,
+            tmp_path / "run",
+            arch="unet-mobilenetv2",
+            pretrained=False,
+            size=64,
+            epochs=1,
+            decoder_widths=[8, 12, 24, 40],
+        )
+    )
+    m = load_model(tmp_path / "run" / "model.safetensors")
+    assert list(m.config()["decoder_widths"]) == [8, 12, 24, 40]
+    assert m.widths()["dec0.conv1"] == 8 and m.widths()["dec3.conv2"] == 40
+    with pytest.raises(ConfigError, match="decoder_widths"):
+        _cfg(synth_dir, tmp_path / "x", decoder_widths=[8, 16, 32, 64])
+    with pytest.raises(ConfigError, match="decoder_widths"):
+        train(
+            _cfg(
+                synth_dir,
+                tmp_path / "y",
+                arch="unet-mobilenetv2",
+                pretrained=False,
+                size=64,
+                decoder_widths=[8, 16],
+            )
+        )
+
+
 def test_warmup_then_cosine_schedule():
     from polyprune.fit import learning_rate
 

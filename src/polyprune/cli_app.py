@@ -73,13 +73,23 @@ def log_summary(line: str) -> None:
     log(line)
 
 
-def parse_floats(option: str, text: str | None) -> list[float]:
-    """'0.75,1,1.25' -> [0.75, 1.0, 1.25]; None / '' -> []; anything else one ConfigError naming the option."""
+def _parse_list(option: str, text: str | None, kind: type, what: str, example: str) -> list:
+    """'a,b,c' -> [kind(a), kind(b), kind(c)]; None / '' -> []; anything else one ConfigError naming the option."""
     from polyprune.errors import ConfigError
 
     try:
-        return [float(v) for v in (text or "").split(",") if v.strip()]
+        return [kind(v) for v in (text or "").split(",") if v.strip()]
     except ValueError:
         raise ConfigError(
-            f"{option} takes numbers separated by commas, e.g. 0.75,1,1.25; got {text!r}"
+            f"{option} takes {what} separated by commas, e.g. {example}; got {text!r}"
         ) from None
+
+
+def parse_ints(option: str, text: str | None) -> list[int]:
+    """'32,64,128,192' -> [32, 64, 128, 192]."""
+    return _parse_list(option, text, int, "whole numbers", "32,64,128,192")
+
+
+def parse_floats(option: str, text: str | None) -> list[float]:
+    """'0.75,1,1.25' -> [0.75, 1.0, 1.25]."""
+    return _parse_list(option, text, float, "numbers", "0.75,1,1.25")

