@@ -39,6 +39,27 @@ def test_zoo_model_loads_runs_and_has_a_card(path):
     assert prob.shape == (288, 384) and np.isfinite(prob).all()
 
 
+PRUNED = [p for p in MODELS if read_metadata(p).pruning]
+
+
+@pytest.mark.parametrize("path", PRUNED, ids=lambda p: p.stem)
+def test_a_pruned_zoo_model_names_its_shipped_parent(path):
+    """The pruned files' `parent` metadata is a repository path to a parent shipped beside them, of the
+    same family and decoder, and no layer of the pruned file is wider than the parent's."""
+    meta = read_metadata(path)
+    named = Path(meta.parent["path"])
+    assert not named.is_absolute(), f"{path.name}: parent {named} is a machine path, not a zoo file"
+    parent_file = ZOO.parent / named
+    assert parent_file.is_file(), f"{path.name}: parent {named} is not shipped"
+    parent = read_metadata(parent_file)
+    assert not parent.pruning, f"{path.name}: its parent {named} is itself a pruned file"
+    assert meta.arch["name"] == parent.arch["name"]
+    assert meta.arch.get("decoder_widths") == parent.arch.get("decoder_widths")
+    widths, parent_widths = meta.arch["widths"], parent.arch["widths"]
+    assert widths.keys() == parent_widths.keys()
+    assert all(widths[k] <= parent_widths[k] for k in widths), "a pruned layer is wider than the parent's"
+
+
 @pytest.mark.realdata
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
 def test_zoo_model_still_scores_its_card_on_kvasir(path, shared_data, tmp_path):
